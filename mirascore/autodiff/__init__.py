@@ -1,0 +1,14 @@
+"""A minimal reverse-mode autodiff over numpy and CuPy arrays (HIPS-autograd style).
+
+    import mirascore.autodiff as ad
+    import mirascore.autodiff.numpy as anp
+    ad.grad(lambda x: anp.sum(anp.tanh(x) ** 2))(x)
+
+See docs/autodiff.md for how it works and how to add a primitive.
+"""
+from . import numpy  # noqa: F401  (registers the operations and the Box operators)
+from .check import check_grads
+from .core import grad, value_and_grad, vjp
+from .tracer import defvjp, defvjp_argnums, primitive
+
+__all__ = ["grad", "value_and_grad", "vjp", "primitive", "defvjp", "defvjp_argnums", "check_grads"]
