@@ -1,0 +1,173 @@
+"""Attentional biases: the per-token loss ℓ(M(k), v) the memory is trained on (DESIGN §3, paper §3).
+
+Each bias is a NamedTuple (`name` + hyperparameters) with pure methods over y = M(W, k) and v,
+both (..., d_out), with r = y − v:
+  loss(y, v, delta=None) -> (...,)        ℓ, written with autodiff ops (differentiable)
+  psi(y, v, delta=None)  -> (..., d_out)  hand-derived ψ = ∂ℓ/∂y
+  needs_delta                             True for huber(delta=None): δ comes as the per-token gate
+A per-token `delta` is a number or an array broadcasting against (...); only huber uses it.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+import mirascore.autodiff.numpy as anp
+
+from ._checks import choice, expand, hyper
+
+
+def _norm(r):
+    """‖r‖₂ over the last axis, kept as (..., 1)."""
+    return anp.sqrt(anp.sum(r * r, axis=-1, keepdims=True))
+
+
+class Dot(NamedTuple):
+    """Hebbian bias (paper Eq. 8): ℓ = −⟨M(k), v⟩, ψ = −v."""
+    name: str
+    needs_delta = False
+
+    def loss(self, y, v, delta=None):
+        return -anp.sum(y * v, axis=-1)
+
+    def psi(self, y, v, delta=None):
+        return anp.broadcast_to(-v, np.broadcast_shapes(y.shape, v.shape))
+
+
+class L2(NamedTuple):
+    """Delta-rule bias: ℓ = ½‖r‖², ψ = r (the paper's factor 2 is absorbed in lr)."""
+    name: str
+    needs_delta = False
+
+    def loss(self, y, v, delta=None):
+        r = y - v
+        return 0.5 * anp.sum(r * r, axis=-1)
+
+    def psi(self, y, v, delta=None):
+        return y - v
+
+
+class Lp(NamedTuple):
+    """ℓp bias (paper Eqs. 10–11, Moneta): ℓ = (1/p) Σ|r_j|^p, ψ = sign(r)|r|^(p−1).
+
+    With `slope` set, ψ is Remark 5's surrogate tanh(slope·r)·(r² + eps)^((p−1)/2), smooth at r = 0
+    (needed for p < 2 when training through the memory); it is not the gradient of an elementary
+    loss, so `loss` then raises NotImplementedError.
+    """
+    name: str
+    p: float
+    slope: float | None
+    eps: float
+    needs_delta = False
+
+    def loss(self, y, v, delta=None):
+        if self.slope is not None:
+            raise NotImplementedError(
+                f"lp(p={self.p}, smooth=...) defines only psi (Remark 5's tanh/sqrt surrogate has no "
+                f"elementary loss); use psi, or lp(p) without smoothing for a loss")
+        return anp.sum(anp.abs(y - v) ** self.p, axis=-1) / self.p
+
+    def psi(self, y, v, delta=None):
+        r = y - v
+        if self.slope is not None:
+            return anp.tanh(self.slope * r) * (r * r + self.eps) ** (0.5 * (self.p - 1.0))
+        return anp.sign(r) * anp.abs(r) ** (self.p - 1.0)
+
+
+class Huber(NamedTuple):
+    """Huber bias (paper Eqs. 13–16) with threshold δ, static or the per-token `delta` gate.
+
+    kind="coord"   ℓ = Σ_j H_δ(r_j)                         ψ = clip(r, −δ, δ)
+    kind="norm"    ℓ = H_δ(‖r‖)                             ψ = r·min(1, δ/‖r‖)
+    kind="mixture" ℓ = ½‖r‖² if ‖r‖ ≤ δ else δ‖r‖₁ (Yaad, Eq. 26)   ψ = r if ‖r‖ ≤ δ else δ·sign(r)
+    with H_δ(a) = ½a² for |a| ≤ δ, δ(|a| − ½δ) beyond. The mixture loss is discontinuous at
+    ‖r‖ = δ (as Eq. 26 is); its gradient is ψ everywhere else.
+    """
+    name: str
+    delta: float | None
+    kind: str
+
+    @property
+    def needs_delta(self):
+        return self.delta is None
+
+    def _delta(self, delta):
+        """δ as a number or as (..., 1) against r."""
+        if (delta is None) == (self.delta is None):
+            raise ValueError(f"huber needs δ exactly once: static delta={self.delta!r}, gate "
+                             f"delta={'None' if delta is None else 'given'}")
+        return self.delta if delta is None else expand(delta, 1)
+
+    def loss(self, y, v, delta=None):
+        d, r = self._delta(delta), y - v
+        if self.kind == "coord":
+            # H_δ(a) = ½m² + δ(a − m), m = min(a, δ): one expression for both pieces; ½ outside
+            # the sum so that δ → ∞ gives l2's ½Σr² to the last bit
+            a = anp.abs(r)
+            m = anp.minimum(a, d)
+            return 0.5 * anp.sum(m * m, axis=-1) + anp.sum(d * (a - m), axis=-1)
+        sq = anp.sum(r * r, axis=-1, keepdims=True)
+        inside = sq <= d * d
+        if self.kind == "norm":
+            # the outer branch's norm is floored at δ so that no 0/0 reaches the gradient at r = 0
+            outer = d * (anp.sqrt(anp.maximum(sq, d * d)) - 0.5 * d)
+            return anp.where(inside, 0.5 * sq, outer)[..., 0]
+        return anp.where(inside, 0.5 * sq, d * anp.sum(anp.abs(r), axis=-1, keepdims=True))[..., 0]
+
+    def psi(self, y, v, delta=None):
+        d, r = self._delta(delta), y - v
+        if self.kind == "coord":
+            return anp.minimum(anp.maximum(r, -d), d)
+        if self.kind == "norm":
+            return r * (d / anp.maximum(_norm(r), d))       # = r·min(1, δ/‖r‖), no 0/0 at r = 0
+        return anp.where(anp.sum(r * r, axis=-1, keepdims=True) <= d * d, r, d * anp.sign(r))
+
+
+class Robust(NamedTuple):
+    """Value-shift-robust bias (paper Eq. 17): ℓ = ½(‖r‖ + Δ)², ψ = r + Δ·r/sqrt(‖r‖² + eps).
+
+    `loss` uses the same eps, ½(sqrt(‖r‖² + eps) + Δ)², so that ψ is its exact gradient.
+    """
+    name: str
+    radius: float
+    eps: float
+    needs_delta = False
+
+    def loss(self, y, v, delta=None):
+        r = y - v
+        return 0.5 * (anp.sqrt(anp.sum(r * r, axis=-1) + self.eps) + self.radius) ** 2
+
+    def psi(self, y, v, delta=None):
+        r = y - v
+        return r + self.radius * r / anp.sqrt(anp.sum(r * r, axis=-1, keepdims=True) + self.eps)
+
+
+def dot():
+    """ℓ = −⟨M(k), v⟩ (linear attention, RetNet, Mamba2)."""
+    return Dot("dot")
+
+
+def l2():
+    """ℓ = ½‖M(k) − v‖² (delta rule, TTT, Titans, Memora)."""
+    return L2("l2")
+
+
+def lp(p, smooth=None):
+    """ℓ = (1/p)‖M(k) − v‖_p^p, p ≥ 1 (Moneta). smooth = slope or (slope, eps), eps = 1e-6 unless
+    given: ψ becomes tanh(slope·r)·(r² + eps)^((p−1)/2) (paper Remark 5)."""
+    p = hyper("p", p, ge=1)
+    if smooth is None:
+        return Lp("lp", p, None, 1e-6)
+    slope, eps = smooth if isinstance(smooth, tuple) else (smooth, 1e-6)
+    return Lp("lp", p, hyper("smooth slope", slope, gt=0), hyper("smooth eps", eps, gt=0))
+
+
+def huber(delta=None, kind="coord"):
+    """Huber bias with threshold δ > 0; delta=None makes δ the per-token `delta=` gate of step/scan.
+    kind: "coord" (Eq. 14), "norm" (Eq. 15) or "mixture" (Yaad, Eqs. 16/26)."""
+    kind = choice("kind", kind, ("coord", "norm", "mixture"))
+    return Huber("huber", None if delta is None else hyper("delta", delta, gt=0), kind)
+
+
+def robust(radius, eps=1e-6):
+    """ℓ = ½(‖M(k) − v‖ + Δ)² with radius Δ ≥ 0 (paper Eq. 17)."""
+    return Robust("robust", hyper("radius", radius, ge=0), hyper("eps", eps, gt=0))
