@@ -13,6 +13,7 @@ import numpy as np
 import mirascore.autodiff.numpy as anp
 
 from ._xp import namespace, to_numpy
+from .autodiff.tracer import unbox
 
 
 # ---------------------------------------------------------------- hyperparameters (factories)
@@ -65,15 +66,18 @@ _GATE_RANGES = {"lr": (0.0, True, math.inf, True), "alpha": (0.0, False, 1.0, Tr
 
 
 def finite(name, x):
-    """x must hold only finite numbers."""
+    """x must hold only finite numbers (looked at through any autodiff boxes)."""
+    x = unbox(x)
     if not bool(namespace(x).isfinite(x).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf); shape {tuple(x.shape)}")
 
 
 def gate(name, g, xp, dtype, shape, shape_words):
     """Gate `name` as an array of the compute dtype; it must broadcast to `shape` (described by
-    `shape_words`), be finite and lie in its range. Returns the array in its own (small) shape."""
-    g = xp.asarray(g)          # checked in its own precision, then cast to the compute dtype
+    `shape_words`), be finite and lie in its range. Returns the array in its own (small) shape,
+    still boxed if it is being differentiated."""
+    boxed = g
+    g = xp.asarray(unbox(g))   # checked in its own precision, then cast to the compute dtype
     if _broadcast(g.shape, shape) != tuple(shape):
         raise ValueError(f"{name} has shape {g.shape}, which does not broadcast to {tuple(shape)} "
                          f"({shape_words})")
@@ -85,6 +89,8 @@ def gate(name, g, xp, dtype, shape, shape_words):
                     + ("∞)" if hi == math.inf else f"{hi:g}{']' if hi_closed else ')'}"))
         raise ValueError(f"{name} must be finite and in {interval}; {bad.size} value(s) are not, "
                          f"e.g. {bad.ravel()[:4].tolist()}")
+    if boxed is not unbox(boxed):
+        return anp.astype(boxed, dtype) if g.dtype != dtype else boxed
     return g.astype(dtype, copy=False)
 
 
@@ -153,7 +159,7 @@ def implicit_fits(memory, retention, bias=None):
     wrong = [f"{what} {got!r}" for what, got, want in parts if got != want]
     if wrong:
         raise ValueError("algorithm implicit() needs l2 bias, linear memory and none() retention; "
-                         f"got " + ", ".join(wrong))
+                         "got " + ", ".join(wrong))
 
 
 def gate_options(state, bias, delta, beta):
@@ -186,8 +192,9 @@ def call(state, bias, retention, algorithm, arrays, gates, *, time=False):
     spec("bias", bias, "psi")
     spec_match(state, retention, algorithm)
     gate_options(state, bias, gates.get("delta"), gates.get("beta"))
-    xp = namespace(*state.params, *(a for _, a, _, _ in arrays), *gates.values())
-    arrays = [(name, xp.asarray(a), d, words) for name, a, d, words in arrays]
+    xp = namespace(*map(unbox, (*state.params, *(a for _, a, _, _ in arrays), *gates.values())))
+    arrays = [(name, a if a is not unbox(a) else xp.asarray(a), d, words)
+              for name, a, d, words in arrays]
     lead = ()
     if time:
         first, a = arrays[0][0], arrays[0][1]
@@ -207,7 +214,7 @@ def call(state, bias, retention, algorithm, arrays, gates, *, time=False):
                              f"and of the inputs {shapes} do not broadcast together")
     for name, a, _, _ in arrays:
         finite(name, a)
-    dtype = xp.result_type(*state.params, *(a for _, a, _, _ in arrays))
+    dtype = xp.result_type(*map(unbox, (*state.params, *(a for _, a, _, _ in arrays))))
     words = "the batch dims (...)" if not lead else "the batch dims and time, (..., T)"
     out = {name: None if g is None else gate(name, g, xp, dtype, batch + tuple(lead), words)
            for name, g in gates.items()}

@@ -7,18 +7,22 @@ One token (DESIGN §3):
     U, S = algorithm.update(G, S, lr', β) lr' = lr, or lr/(1 + lr·kᵀk) for implicit()
     s  = retention.update(s, U, α)
 `scan` reads y_t = M(W_t, q_t) after token t's update. Rules whose update is linear in the state
-(`is_exact`) equal this per-token loop for every chunk size; all others follow the anchored chunked
-form of DESIGN §4. For now both run as one loop over tokens, vectorised over the batch dims
-(exact rules as the anchored loop with chunk 1, which is the per-token loop).
+(`is_exact`) run the chunked WY/UT form (mirascore.chunk.delta), equal to this per-token loop for
+every chunk size; all others the anchored chunked form of DESIGN §4 (mirascore.chunk.anchored).
+Both are single primitives of mirascore.autodiff with hand-derived backward passes.
 """
 from typing import Any, NamedTuple
 
+
 import numpy as np
+
+import mirascore.autodiff.numpy as anp
 
 from . import _checks
 from . import algorithm as _algorithm
 from . import retention as _retention
 from ._xp import namespace
+from .autodiff.tracer import unbox
 
 
 class MemoryState(NamedTuple):
@@ -55,8 +59,8 @@ def init(memory, params, retention=_retention.none(), algorithm=_algorithm.gd())
     one array per `memory.param_shapes()` entry with optional batch dims; momentum starts at 0."""
     if hasattr(params, "shape"):
         params = (params,)
-    xp = namespace(*params)
-    params = tuple(xp.asarray(p) for p in params)
+    xp = namespace(*map(unbox, params))
+    params = tuple(p if p is not unbox(p) else xp.asarray(p) for p in params)
     _checks.spec("memory", memory, "apply")
     _checks.spec("retention", retention, "expose")
     _checks.spec("algorithm", algorithm, "effective_lr")
@@ -73,8 +77,8 @@ def weights(state):
 
 def recall(state, q):
     """M(W_t, q): q (..., d_in) -> (..., d_out)."""
-    xp = namespace(*state.params, q)
-    q = xp.asarray(q)
+    xp = namespace(*map(unbox, (*state.params, q)))
+    q = q if q is not unbox(q) else xp.asarray(q)
     _checks.last_axis("q", q, state.memory.d_in, "d_in")
     _checks.finite("q", q)
     return state.memory.apply(weights(state), q)
@@ -109,15 +113,46 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     chunk = _checks.size("chunk", chunk)
     _checks.choice("backend", backend, ("auto", "ref"))
     mem = state.memory
-    xp, dtype, (K, V, Q), g = _checks.call(
+    _, dtype, (K, V, Q), g = _checks.call(
         state, bias, retention, algorithm,
         [("K", K, mem.d_in, "d_in"), ("V", V, mem.d_out, "d_out"), ("Q", Q, mem.d_in, "d_in")],
         {"lr": lr, "alpha": alpha, "delta": delta, "beta": beta}, time=True)
     exact = is_exact(Rule(mem, bias, state.retention, state.algorithm))
     if backend == "ref":
         return _via_ref(state, K, V, Q, bias, g, chunk, exact, dtype)
-    # exact rules: chunk=1 is the per-token loop (a later issue swaps in the chunked WY form)
-    return _loop(state, bias, K, V, Q, g, 1 if exact else chunk, xp, dtype)
+    if exact:
+        return _exact(state, bias, K, V, Q, g, chunk)
+    return _anchored(state, bias, K, V, Q, g, chunk)
+
+
+def delta_gates(rule, lr, alpha, K):
+    """(α, b, c) with which an exact rule's update is W_t = α W (I − b k kᵀ) + c v kᵀ
+    (docs/derivations/chunked-delta.md): dot bias b = 0, c = lr; l2 bias with none() or
+    l2(grad_at="retained") b = c = lr; l2(grad_at="state") b = lr/α, c = lr (W ← αW − lr(Wk − v)kᵀ);
+    implicit() b = c = lr/(1 + lr·kᵀk), α = 1. Gates broadcast against (..., T)."""
+    if rule.bias.name == "dot":
+        return alpha, 0.0, lr
+    if rule.algorithm.name == "implicit":
+        lr = lr / (1.0 + lr * anp.sum(K * K, axis=-1))
+    if rule.retention.name == "l2" and rule.retention.grad_at == "state":
+        return alpha, lr / alpha, lr
+    return alpha, lr, lr
+
+
+def _exact(state, bias, K, V, Q, g, chunk):
+    """Exact rules: the chunked WY/UT form (mirascore.chunk.chunk_delta), equal to the per-token
+    loop for every chunk size."""
+    from .chunk import chunk_delta
+    if K.shape[-2] == 0:                  # nothing to scan: the state is unchanged
+        xp = namespace(*map(unbox, (*state.params, K, V, Q)))
+        batch = np.broadcast_shapes(*(p.shape[:-2] for p in state.params), K.shape[:-2], Q.shape[:-2])
+        dtype = xp.result_type(*map(unbox, (*state.params, K, V, Q)))
+        return xp.zeros(batch + (0, state.memory.d_out), dtype=dtype), state
+    rule = Rule(state.memory, bias, state.retention, state.algorithm)
+    alpha = 1.0 if g["alpha"] is None else g["alpha"]
+    a, b, c = delta_gates(rule, g["lr"], alpha, K)
+    Y, W = chunk_delta(state.params[0], K, V, Q, a, b, c, chunk=chunk)
+    return Y, state._replace(params=(W,))
 
 
 def _direction(state, bias, W, S, k, v, g):
@@ -129,43 +164,17 @@ def _direction(state, bias, W, S, k, v, g):
     return alg.update(G, S, alg.effective_lr(g["lr"], k), g["beta"])
 
 
-def _at(g, t):
-    """Token t's slice (...) of the (..., T)-broadcasting gates (a size-1 time axis serves all)."""
-    return {name: x if x is None or x.ndim == 0 else x[..., t if x.shape[-1] > 1 else 0]
-            for name, x in g.items()}
-
-
-def _loop(state, bias, K, V, Q, g, chunk, xp, dtype):
-    """The anchored chunked form (DESIGN §4) as a loop over tokens, vectorised over the batch.
-
-    Each chunk's gradients are taken at its starting exposed weights W̄; the stored quantity
-    follows α·s + U (momentum β·S − lr·G) inside the chunk; `prox` (elastic net's threshold) runs
-    once at the chunk's end; in-chunk reads use `retention.read`, the chunk's last token reads the
-    returned state. With chunk = 1 every step is prox(accumulate(canonical(s))) = update(s): the
-    per-token recurrence of DESIGN §3.
-    """
-    mem, ret = state.memory, state.retention
-    s, S, ys, T = state.params, state.momentum, [], K.shape[-2]
-    for start in range(0, T, chunk):
-        s = anchor = tuple(ret.canonical(x) for x in s)
-        W_bar = tuple(ret.expose(x) for x in anchor)
-        end = min(start + chunk, T)
-        for t in range(start, end):
-            gt = _at(g, t)
-            U, S = _direction(state, bias, W_bar, S, K[..., t, :], V[..., t, :], gt)
-            s = tuple(ret.accumulate(x, u, gt["alpha"]) for x, u in zip(s, U))
-            if t == end - 1:
-                s = tuple(ret.prox(x) for x in s)
-                W = tuple(ret.expose(x) for x in s)
-            else:
-                W = tuple(ret.read(x, a) for x, a in zip(s, anchor))
-            ys.append(mem.apply(W, Q[..., t, :]))
-    if ys:
-        Y = xp.stack(ys, axis=-2)
-    else:
-        batch = np.broadcast_shapes(*(p.shape[:-2] for p in s), Q.shape[:-2])
-        Y = xp.zeros(batch + (0, mem.d_out), dtype=dtype)
-    return Y, state._replace(params=s, momentum=S)
+def _anchored(state, bias, K, V, Q, g, chunk):
+    """All other rules: the anchored chunked form (mirascore.chunk.anchored), one primitive with
+    a hand-derived backward."""
+    from .chunk.anchored import anchored_scan
+    n = len(state.params)
+    momentum = state.momentum or ()
+    out = anchored_scan(*state.params, *momentum, K, V, Q, g["lr"], g["alpha"], g["delta"],
+                        g["beta"], memory=state.memory, bias=bias, retention=state.retention,
+                        algorithm=state.algorithm, chunk=chunk)
+    params, momentum = tuple(out[1:1 + n]), tuple(out[1 + n:])
+    return out[0], state._replace(params=params, momentum=momentum or None)
 
 
 def _via_ref(state, K, V, Q, bias, g, chunk, exact, dtype):

@@ -40,6 +40,11 @@ def _check(f, args, order, name, eps, rtol, atol, rng):
     w = tree_map(_random_like(rng), value)
     grads = vjp_fn(w)
     for i, (a, ga) in enumerate(zip(args, grads)):
+        for x, gx in zip(tree_leaves(a), tree_leaves(ga)):
+            # the dot test alone would pass a gradient left broadcast to the output's shape
+            if gx is not None and np.shape(gx) != np.shape(x):
+                raise AssertionError(f"{name}: gradient with respect to argument {i} has shape "
+                                     f"{np.shape(gx)}, the argument has shape {np.shape(x)}")
         u = tree_map(_random_like(rng), a)
         if not any(x is not None for x in tree_leaves(u)):
             continue

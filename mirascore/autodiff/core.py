@@ -6,7 +6,7 @@ boolean leaves are constants and get `None` as their gradient.
 import numpy as np
 
 from .._xp import namespace
-from .tracer import Box, Node, backward, new_trace
+from .tracer import Box, Node, backward, new_trace, unbox
 
 
 def is_differentiable(x):
@@ -35,9 +35,19 @@ def tree_leaves(tree):
 
 
 def _zeros_like(x):
+    x = unbox(x)  # a zero gradient is a constant, also when x is a box of an outer trace
     if isinstance(x, float):
         return 0.0
     return namespace(x).zeros_like(x)
+
+
+def _cotangent(g, out):
+    """g as an array of out's type when it comes as a Python number: VJPs that reshape a Python
+    float would otherwise make a numpy array and then mix it with CuPy arrays."""
+    raw = unbox(out)
+    if isinstance(g, (int, float)) and hasattr(raw, "dtype"):
+        return namespace(raw).asarray(g, dtype=raw.dtype)
+    return g
 
 
 def vjp(f, *args):
@@ -68,7 +78,7 @@ def vjp(f, *args):
         outs, gs = tree_leaves(out), tree_leaves(g)
         if len(outs) != len(gs):
             raise ValueError(f"cotangent has {len(gs)} leaves, the value has {len(outs)}")
-        pairs = [(o._node, gi) for o, gi in zip(outs, gs) if ours(o) and gi is not None]
+        pairs = [(o._node, _cotangent(gi, o)) for o, gi in zip(outs, gs) if ours(o) and gi is not None]
         if len(pairs) == 1:
             grads = backward(*pairs[0])
         elif pairs:

@@ -111,7 +111,7 @@ def erf(x):
     return f(x)
 
 
-_TWO_OVER_SQRT_PI = 2.0 / np.sqrt(np.pi)
+_TWO_OVER_SQRT_PI = float(2.0 / np.sqrt(np.pi))   # a Python float: a numpy scalar would promote float32
 defvjp(erf, lambda ans, x: lambda g: g * _TWO_OVER_SQRT_PI * exp(-x * x))
 
 
@@ -163,6 +163,10 @@ defvjp(divide, lambda ans, x, y: lambda g: unbroadcast(g / y, _shape(x)),
 
 
 def _safe_log(x):
+    if isinstance(x, (int, float, np.generic)):
+        # a constant base such as 2.0 ** x: stay a Python float, which mixes with CuPy arrays
+        # (the array path below would make a numpy array of it)
+        return float(np.log(x)) if x > 0 else 0.0
     positive = unbox(x) > 0
     return where(positive, log(where(positive, x, 1.0)), 0.0)
 
@@ -274,8 +278,9 @@ def _einsum_vjp(argnums, ans, args, kwargs):
         gj = einsum(spec, g, *(operands[k] for k in others))
         shape = _shape(operands[j])
         if keep != ins[j]:                 # indices summed out of operand j alone: broadcast back
-            gj = reshape(gj, tuple(shape[p] if c in seen else 1 for p, c in enumerate(ins[j])))
-            gj = broadcast_to(gj, shape)
+            sizes = dict(zip(keep, _shape(gj)))   # gj's sizes, which may exceed a broadcast '...' of operand j
+            gj = reshape(gj, tuple(sizes.get(c, 1) for c in ins[j]))
+            gj = broadcast_to(gj, tuple(sizes.get(c, n) for c, n in zip(ins[j], shape)))
         return unbroadcast(gj, shape)
 
     return lambda g: tuple(None if a == 0 else grad_operand(g, a - 1) for a in argnums)
@@ -334,8 +339,14 @@ def cumsum(x, axis):
     return _xp(x).cumsum(x, axis=axis)
 
 
-# the transpose of a cumulative sum is the cumulative sum from the other end
-defvjp(cumsum, lambda ans, x, axis: lambda g: sum(g, axis=axis, keepdims=True) - cumsum(g, axis) + g)
+def _cumsum_vjp(ans, x, axis):
+    # the transpose of a cumulative sum is the cumulative sum from the other end
+    if axis is None:                       # numpy flattens x first: unflatten the gradient
+        return lambda g: reshape(sum(g, keepdims=True) - cumsum(g, 0) + g, _shape(x))
+    return lambda g: sum(g, axis=axis, keepdims=True) - cumsum(g, axis) + g
+
+
+defvjp(cumsum, _cumsum_vjp)
 
 
 @primitive
@@ -424,8 +435,8 @@ def untake(g, index, shape):
     out = xp.zeros(shape, dtype=g.dtype)
     if not _is_fancy(index):
         out[index] = g
-    elif xp is np:
-        np.add.at(out, index, g)
+    elif hasattr(xp.add, "at"):            # numpy, and CuPy >= 13 (where scatter_add is deprecated)
+        xp.add.at(out, index, g)
     else:
         import cupyx
         cupyx.scatter_add(out, index, g)
@@ -479,6 +490,15 @@ defvjp_argnums(_stack, _stack_vjp)
 
 def stack(arrays, axis=0):
     return _stack(axis, *arrays)
+
+
+@primitive
+def astype(x, dtype):
+    """x cast to `dtype`; the gradient is cast back to x's dtype."""
+    return x.astype(dtype, copy=False)
+
+
+defvjp(astype, lambda ans, x, dtype: lambda g: astype(g, unbox(x).dtype))
 
 
 # ---------------------------------------------------------------- constants

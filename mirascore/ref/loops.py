@@ -73,6 +73,9 @@ def _direction(state, bias, W, S, k, v, g, t):
     delta = None if g["delta"] is None else g["delta"][..., t]
     if getattr(state.retention, "grad_at", "state") == "retained":
         W = tuple(a * w for w in W)                                  # G at α·W
+    # one memory per batch element: broadcast W first, or the vjp would sum G over the batch
+    batch = np.broadcast_shapes(k.shape[:-1], *(w.shape[:-2] for w in W))
+    W = tuple(anp.broadcast_to(w, batch + tuple(w.shape[-2:])) for w in W)
     y, pull = ad.vjp(lambda P: state.memory.apply(P, k), W)
     G = pull(bias.psi(y, v, delta))[0]                               # J_Wᵀ ψ by autodiff
     if state.algorithm.name == "implicit":
