@@ -29,6 +29,7 @@ import numpy as np
 import mirascore.autodiff as ad
 
 from .._xp import namespace
+from ..autodiff.numpy import unbroadcast
 from . import second_order as so
 
 # ---------------------------------------------------------------- static description of a run
@@ -139,7 +140,7 @@ def _check_rule(rule, delta, beta):
 
 def _broadcast(rule, params, momentum, K, V, Q, lr, alpha, delta, beta):
     """Everything broadcast to one batch shape and the compute dtype; the original shapes kept
-    for summing gradients back (`_sum_to`)."""
+    for summing gradients back (`unbroadcast`)."""
     xp = namespace(*params, K, V, Q)
     dtype = np.result_type(*(x.dtype for x in (*params, K, V, Q)))
     gates = {"lr": lr, "alpha": 1.0 if alpha is None else alpha, "delta": delta,
@@ -583,11 +584,11 @@ def _grads(saved, xp, pieces, ds, dS, dparams, dmom):
     sh = saved.shapes
     if not pieces:                                # T = 0: the scan is the identity on the state
         zeros = [xp.zeros(s) for s in sh["params"]]
-        params = tuple(z if d is None else _sum_to(xp.asarray(d), s)
+        params = tuple(z if d is None else unbroadcast(xp.asarray(d), s)
                        for z, d, s in zip(zeros, dparams or (None,) * len(zeros), sh["params"]))
         mom = None
         if sh["momentum"] is not None:
-            mom = tuple(xp.zeros(s) if d is None else _sum_to(xp.asarray(d), s)
+            mom = tuple(xp.zeros(s) if d is None else unbroadcast(xp.asarray(d), s)
                         for d, s in zip(dmom or (None,) * len(sh["momentum"]), sh["momentum"]))
         empty = {n: None if sh[n] is None else xp.zeros(sh[n]) for n in _Tokens._fields}
         return Grads(params, mom, **empty)
@@ -596,24 +597,12 @@ def _grads(saved, xp, pieces, ds, dS, dparams, dmom):
         parts = [getattr(p, name) for p in pieces]
         if parts[0] is None or sh[name] is None:
             return None
-        return _sum_to(xp.concatenate(parts, axis=axis), sh[name])
-    params = tuple(_sum_to(d, s) for d, s in zip(ds, sh["params"]))
+        return unbroadcast(xp.concatenate(parts, axis=axis), sh[name])
+    params = tuple(unbroadcast(d, s) for d, s in zip(ds, sh["params"]))
     mom = None if sh["momentum"] is None or dS is None else \
-        tuple(_sum_to(d, s) for d, s in zip(dS, sh["momentum"]))
+        tuple(unbroadcast(d, s) for d, s in zip(dS, sh["momentum"]))
     return Grads(params, mom, cat("K", -2), cat("V", -2), cat("Q", -2), cat("lr", -1),
                  cat("alpha", -1), cat("delta", -1), cat("beta", -1))
-
-
-def _sum_to(g, shape):
-    """Sum g down to `shape`, undoing broadcasting (leading axes and size-1 axes)."""
-    shape = tuple(shape)
-    lead = g.ndim - len(shape)
-    if lead:
-        g = g.sum(axis=tuple(range(lead)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g
 
 
 # ---------------------------------------------------------------- one autodiff primitive

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._xp import namespace
+from ..autodiff.numpy import unbroadcast
 from ..autodiff.tracer import Box, defvjp, defvjp_argnums, primitive
 
 __all__ = ["chunk_delta", "chunk_delta_fwd", "chunk_delta_bwd", "DeltaSaved"]
@@ -108,20 +109,6 @@ def _unflat(x, batch, T):
     """(Bn, N, C, d) -> batch + (T, d), dropping the padding."""
     Bn, N, C = x.shape[:3]
     return x.reshape((Bn, N * C) + x.shape[3:])[:, :T].reshape(batch + (T,) + x.shape[3:])
-
-
-def _unbroadcast(xp, g, shape):
-    """Sum g down to `shape` (the transpose of broadcasting)."""
-    shape = tuple(shape)
-    if g.shape == shape:
-        return g
-    lead = g.ndim - len(shape)
-    if lead:
-        g = g.sum(axis=tuple(range(lead)))
-    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g
 
 
 # ---------------------------------------------------------------- pieces
@@ -335,7 +322,7 @@ def chunk_delta_bwd(saved, dY, dW_T):
     out = (dW0.reshape(batch + (d_v, d_k)), _unflat(dK, batch, T), _unflat(dV, batch, T),
            _unflat(dQ, batch, T), _unflat(dalpha[..., None], batch, T)[..., 0],
            _unflat(db[..., None], batch, T)[..., 0], _unflat(dc[..., None], batch, T)[..., 0])
-    return tuple(_unbroadcast(xp, g, s) for g, s in zip(out, shapes))
+    return tuple(unbroadcast(g, s) for g, s in zip(out, shapes))
 
 
 # ---------------------------------------------------------------- the autodiff primitive
