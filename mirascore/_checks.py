@@ -218,7 +218,9 @@ def call(state, bias, retention, algorithm, arrays, gates, *, time=False):
     words = "the batch dims (...)" if not lead else "the batch dims and time, (..., T)"
     out = {name: None if g is None else gate(name, g, xp, dtype, batch + tuple(lead), words)
            for name, g in gates.items()}
-    if state.retention.name == "none" and out.get("alpha") is not None and bool((out["alpha"] != 1).any()):
-        raise ValueError("alpha must be 1 with retention none(), which keeps everything "
-                         "(use retention.l2() for a decaying memory)")
+    alpha = out.get("alpha")
+    if state.retention.name == "none" and alpha is not None and bool((unbox(alpha) != 1).any()):
+        bad = to_numpy(unbox(alpha))
+        raise ValueError(f"alpha must be 1 with retention none(), which keeps everything (use "
+                         f"retention.l2() for a decaying memory); got e.g. {bad[bad != 1].ravel()[:4].tolist()}")
     return xp, dtype, tuple(a for _, a, _, _ in arrays), out
