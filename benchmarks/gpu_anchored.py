@@ -14,7 +14,7 @@ with --cpu), for each rule of --rules at K, V, Q (B, H, T, d), memory params (B,
             params, K, V, Q and every gate
 Rows: ours fp32 (cuBLAS fp32); ours tf32 (CUPY_TF32=1 and the cuBLAS handle's TF32 math mode, in a
 child process because CuPy reads the variable on import; skip with --no-tf32); with --with-titans,
-titans-pytorch NeuralMemory fp32 and bf16 (fwd+bwd exactly as /work/shared/anchors/anchors_gpu.py
+titans-pytorch NeuralMemory fp32 and bf16 (fwd+bwd exactly as ../shared/anchors/anchors_gpu.py
 times it, plus a forward under torch.no_grad()), dim = H·d as H heads of d, chunk C, depth 2,
 expansion 4, same B and T; its time includes its own q/k/v/gate projections.
 
@@ -23,7 +23,7 @@ before the call plus our own inputs, or tracemalloc's with --cpu; titans, torch.
 relative RMS error of Y (fwd) and of Y and every gradient (fwd+bwd) against a float64 run of ours at
 the same B, H, d but T = --err-T (default 256, to keep float64 cheap), GFLOP of the anchored chunk
 algebra (matmuls only, 2 per multiply-add, as executed: the backward recomputes each chunk's
-forward; see `flops`) and the fraction of the fp32 cuBLAS ceiling, 51 TFLOP/s (/work/shared/anchors/README.md).
+forward; see `flops`) and the fraction of the fp32 cuBLAS ceiling, 51 TFLOP/s (../shared/anchors/README.md).
 The final table ends with the speed ratios titans / ours (per token); the target is ≥ 10× against
 titans fp32 forward+backward.
 

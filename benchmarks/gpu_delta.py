@@ -13,7 +13,7 @@ Per row: ms, Mtok/s, peak memory (GiB: ours, the pool's peak beyond what was all
 call plus our fp32 inputs; FLA, torch.cuda.max_memory_allocated with its bf16 inputs), relative RMS error of Y and
 of every gradient against a float64 run of ours (FLA: Y and gradients against the same float64 run,
 with dα mapped to FLA's dg = α·dα), GFLOP (matmul FLOPs of our algorithm, the same count for FLA)
-and the fraction of the ceilings in /work/shared/anchors/README.md (fp32 cuBLAS 51 TFLOP/s,
+and the fraction of the ceilings in ../shared/anchors/README.md (fp32 cuBLAS 51 TFLOP/s,
 batched fp32 64×128×64 25 TFLOP/s, bf16 745 TFLOP/s).
 
 Inputs as anchors_gpu.py: q, k l2-normalised, v ~ N(0, 1), log α = logsigmoid(U(0, 1)),
@@ -207,7 +207,7 @@ def bench_fla(args, x, ref):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     chunk_o = importlib.import_module("fla.ops.common.chunk_o")
     # fla-org/flash-linear-attention#640: the Hopper + Triton < 3.7.1 guard; bypassed as in
-    # /work/shared/anchors/anchors_gpu.py (its naive check shows the gradients are right at D=128)
+    # ../shared/anchors/anchors_gpu.py (its naive check shows the gradients are right at D=128)
     if getattr(chunk_o, "IS_NVIDIA_HOPPER", False) and not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True):
         chunk_o.TRITON_ABOVE_3_7_1 = True
     B, T, H, d, C = args.B, args.T, args.H, args.d, args.chunk
