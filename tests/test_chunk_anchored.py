@@ -568,6 +568,7 @@ def test_long_sequences_stay_finite(dtype, ret):
 
 
 @pytest.mark.slow
+@pytest.mark.ci          # long but cheap: CI keeps it
 def test_long_mlp_sequence_stays_finite():
     rng = np.random.default_rng(9)
     T, mem = 65_536, mc.memory.mlp(8, expansion=2)
