@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # run from a checkout, uninstalled
 import mirascore.autodiff as ad                                    # noqa: E402
 import mirascore.autodiff.numpy as anp                             # noqa: E402
+from _machine import cpu_model                                    # noqa: E402
 
 # one primitive call per step; the cycle keeps values bounded over any length
 STEPS = [
@@ -72,14 +73,7 @@ def timed(fn, number, repeats):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{cpu}; {cores} cores available (nproc); {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}; numpy {np.__version__}")

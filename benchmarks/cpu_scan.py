@@ -36,6 +36,7 @@ import mirascore as mc                                             # noqa: E402
 from mirascore.rules import is_exact                               # noqa: E402
 from gpu_anchored import (Device, fwd_bwd, make_inputs, make_rule, rel_rms,  # noqa: E402
                           rule_args, scan_fn)
+from _machine import cpu_model                                    # noqa: E402
 
 RULES = "gated_deltanet,moneta,yaad,memora,titans"
 
@@ -52,14 +53,7 @@ def timed(fn, repeats):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
                if k in os.environ}
     return f"{cpu}, {os.cpu_count()} cores, numpy {np.__version__}, Python {platform.python_version()}" + \
