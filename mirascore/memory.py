@@ -144,6 +144,9 @@ def linear(d_in, d_out):
 
 
 def mlp(d, expansion=4):
-    """Two-layer memory M(k) = k + LN(W1 gelu(W2 k)); W1: (..., d, h), W2: (..., h, d), h = expansion·d."""
+    """Two-layer memory M(k) = k + LN(W1 gelu(W2 k)); W1: (..., d, h), W2: (..., h, d), h = expansion·d.
+
+    Use d ≥ 3: the layer norm of a 2-vector is ±(1, −1) whatever its input, so with d = 2 the
+    memory's output does not depend on W and its gradient vanishes."""
     d = size("d", d)
     return MLP("mlp", d, d, size("expansion", expansion))
