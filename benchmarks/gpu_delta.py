@@ -154,12 +154,9 @@ def reference(x, chunk):
     return a, Y, grads
 
 
-def bench_ours(args, mode, pool, x, ref, scan_version=None):
+def bench_ours(args, mode, pool, x, ref):
     import cupy
     from mirascore.chunk import chunk_delta_bwd, chunk_delta_fwd
-    from mirascore.gpu import delta_kernels
-    if scan_version:
-        delta_kernels.SCAN_VERSION = scan_version
     B, T, H, d, C = args.B, args.T, args.H, args.d, args.chunk
     a = ours_args(x, np.float32)
     dY = x["dY"]
@@ -173,7 +170,7 @@ def bench_ours(args, mode, pool, x, ref, scan_version=None):
         return Y, chunk_delta_bwd(saved, dY, None)
 
     for name, fn, fl in (("fwd", fwd, f_fwd), ("fwd+bwd", fwd_bwd, f_all)):
-        row = dict(impl=f"ours{delta_kernels.SCAN_VERSION}", dtype=mode, mode=name,
+        row = dict(impl="ours", dtype=mode, mode=name,
                    shape=f"B{B} T{T} H{H} D{d} C{C}")
         try:
             cupy.get_default_memory_pool().free_all_blocks()
@@ -288,9 +285,7 @@ def breakdown(args, x):
     a = ours_args(x, np.float32)
     _, _, saved = delta.chunk_delta_fwd(*a, chunk=C)
     pieces = {
-        "state_scan kernel v1 (one pass)": lambda: delta_kernels.state_scan(K, K, K, dec, X0, version=1),
-        "state_scan kernel v2 (one pass)": lambda: delta_kernels.state_scan(K, K, K, dec, X0, version=2),
-        "state_scan kernel v3 (one pass)": lambda: delta_kernels.state_scan(K, K, K, dec, X0, version=3),
+        "state_scan kernel (one pass)": lambda: delta_kernels.state_scan(K, K, K, dec, X0),
         "decay_matrix (fused)": lambda: delta_kernels.decay_matrix(dec[..., None] * K[..., 0]),
         "bwd_pairs (fused, 6 in, 4 out)": lambda: delta_kernels.bwd_pairs(CC, CC, CC, CC, CC, K[..., 0]),
         "unit_lower_inverse kernel": lambda: delta_kernels.unit_lower_inverse(A),
@@ -356,8 +351,6 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="(internal) this process runs the TF32 rows only")
     ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 child process")
     ap.add_argument("--breakdown", action="store_true", help="also time the pieces (fp32)")
-    ap.add_argument("--scan-versions", type=int, nargs="+", default=[0],
-                    help="state_scan kernel versions to time (0: the library default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.iters < 10:
@@ -377,13 +370,11 @@ def main():
     x = make_inputs(args)
     ref = reference(x, args.chunk)
     cupy.get_default_memory_pool().free_all_blocks()
-    for v in args.scan_versions:
-        bench_ours(args, "tf32" if args.tf32 else "fp32", pool, x, ref, v)
+    bench_ours(args, "tf32" if args.tf32 else "fp32", pool, x, ref)
     if not args.tf32 and not args.no_tf32:
         child_json = (args.json or "/tmp/gpu_delta") + ".tf32.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--tf32", "--json", child_json] + \
-              [f"--{k}={getattr(args, k)}" for k in ("B", "T", "H", "d", "chunk", "warmup", "iters")] + \
-              ["--scan-versions"] + [str(v) for v in args.scan_versions]
+              [f"--{k}={getattr(args, k)}" for k in ("B", "T", "H", "d", "chunk", "warmup", "iters")]
         try:
             subprocess.run(cmd, check=True)
             with open(child_json) as f:

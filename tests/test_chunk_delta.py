@@ -337,7 +337,7 @@ def poison(xp, monkeypatch):
 @pytest.mark.parametrize("shape", [((2, 3), 77, 5, 4, 16), ((2,), 130, 128, 96, 64), ((1,), 41, 64, 128, 64),
                                    ((3,), 10, 3, 7, 3), ((), 200, 8, 8, 64)],
                          ids=lambda s: "B{}-T{}-dk{}-dv{}-C{}".format(*s))
-def test_backends(xp, poison, monkeypatch, dtype, shape):
+def test_backends(xp, poison, dtype, shape):
     batch, T, d_k, d_v, chunk = shape
     rng = np.random.default_rng(T)
     args = make_inputs(rng, batch, T, d_k, d_v)
@@ -350,25 +350,20 @@ def test_backends(xp, poison, monkeypatch, dtype, shape):
         _, _, s = chunk_delta_fwd(*args, chunk=chunk, kernels=False)
         want = chunk_delta_bwd(s, dY, dW)
     dev = [xp.asarray(a, dtype=dtype) for a in args]
-    versions = [None] if xp is np else [1, 2, 3]          # every state_scan kernel, end to end
-    for version in versions:
-        if version is not None:
-            from mirascore.gpu import delta_kernels
-            monkeypatch.setattr(delta_kernels, "SCAN_VERSION", version)
-        Y, W_T, saved = chunk_delta_fwd(*dev, chunk=chunk)
-        assert type(Y) is type(dev[0]) and Y.dtype == np.dtype(dtype)
-        got = chunk_delta_bwd(saved, xp.asarray(dY, dtype=dtype), xp.asarray(dW, dtype=dtype))
-        if dtype == "float64":
-            assert_close("Y", Y, Y_ref, rtol=1e-8, atol=1e-10)
-            assert_close("W_T", W_T, W_ref, rtol=1e-8, atol=1e-10)
-            for name, g, w in zip(NAMES, got, want):
-                assert_close(f"d{name}", g, w, rtol=1e-7, atol=1e-9)
-        else:                                   # float32: relative RMS error, as FLA's assert_close
-            for name, g, w in zip(("Y", "W_T") + NAMES, (Y, W_T) + tuple(got), (Y_ref, W_ref) + tuple(want)):
-                g = to_numpy(g).astype(np.float64)
-                assert np.all(np.isfinite(g)), name
-                rel = np.sqrt(np.mean((g - w) ** 2)) / max(np.sqrt(np.mean(np.asarray(w) ** 2)), 1e-30)
-                assert rel < 2e-3, f"{name} (scan v{version}): relative RMS error {rel:.2e}"
+    Y, W_T, saved = chunk_delta_fwd(*dev, chunk=chunk)
+    assert type(Y) is type(dev[0]) and Y.dtype == np.dtype(dtype)
+    got = chunk_delta_bwd(saved, xp.asarray(dY, dtype=dtype), xp.asarray(dW, dtype=dtype))
+    if dtype == "float64":
+        assert_close("Y", Y, Y_ref, rtol=1e-8, atol=1e-10)
+        assert_close("W_T", W_T, W_ref, rtol=1e-8, atol=1e-10)
+        for name, g, w in zip(NAMES, got, want):
+            assert_close(f"d{name}", g, w, rtol=1e-7, atol=1e-9)
+    else:                                   # float32: relative RMS error, as FLA's assert_close
+        for name, g, w in zip(("Y", "W_T") + NAMES, (Y, W_T) + tuple(got), (Y_ref, W_ref) + tuple(want)):
+            g = to_numpy(g).astype(np.float64)
+            assert np.all(np.isfinite(g)), name
+            rel = np.sqrt(np.mean((g - w) ** 2)) / max(np.sqrt(np.mean(np.asarray(w) ** 2)), 1e-30)
+            assert rel < 2e-3, f"{name}: relative RMS error {rel:.2e}"
 
 
 @pytest.fixture
@@ -379,8 +374,7 @@ def poisoned_kernels(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_gpu_kernels_match_batched_path(poisoned_kernels, version):
+def test_gpu_kernels_match_batched_path(poisoned_kernels):
     """The RawKernels and the batched-matmul path agree piece by piece (float64, poisoned outputs)."""
     import cupy
     from mirascore.gpu import delta_kernels
@@ -396,7 +390,7 @@ def test_gpu_kernels_match_batched_path(poisoned_kernels, version):
         want = delta_mod.state_scan(*parts, decay, X0, **kw)
         kw_dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
         got = delta_kernels.state_scan(*(cupy.asarray(p) for p in parts), cupy.asarray(decay),
-                                       cupy.asarray(X0), version=version, **kw_dev)
+                                       cupy.asarray(X0), **kw_dev)
         for name, g, w in zip(("Xs", "O", "X"), got, want):
             assert_close(name, g, w, rtol=1e-10, atol=1e-11)
 
@@ -413,11 +407,9 @@ def test_gpu_kernels_odd_sizes(poisoned_kernels, shape):
     decay, X0 = rng.uniform(0, 1, (Bn, N)), rng.standard_normal((Bn, dv, dk))
     want = delta_mod.state_scan(*parts, decay, X0)
     for dtype, tol in (("float64", 1e-10), ("float32", 1e-4)):
-        for version in (1, 2, 3):
-            got = delta_kernels.state_scan(*(cupy.asarray(p, dtype=dtype) for p in parts),
-                                           cupy.asarray(decay, dtype=dtype), cupy.asarray(X0, dtype=dtype),
-                                           version=version)
-            for name, g, w in zip(("Xs", "O", "X"), got, want):
-                assert_close(f"{name} v{version} {dtype}", g, w, rtol=tol, atol=tol)
+        got = delta_kernels.state_scan(*(cupy.asarray(p, dtype=dtype) for p in parts),
+                                       cupy.asarray(decay, dtype=dtype), cupy.asarray(X0, dtype=dtype))
+        for name, g, w in zip(("Xs", "O", "X"), got, want):
+            assert_close(f"{name} {dtype}", g, w, rtol=tol, atol=tol)
     A = np.tril(rng.standard_normal((Bn, N, C, C)) / 4, -1)
     assert_close("inverse", delta_kernels.unit_lower_inverse(cupy.asarray(A)), delta_mod.unit_lower_inverse(A))

@@ -6,11 +6,9 @@
 //   One thread block per matrix, thread j owns column j and forward-substitutes it:
 //   T[i][j] = [i == j] - sum_{j <= m < i} A[i][m] T[m][j]. Every entry of the output is written.
 //
-// state_scan (v1, kept as the simple reference kernel), state_scan_v2 (register-tiled: 4 x VT
-// outputs per thread in phase 1, VT2 x 4 in phase 2, so fewer shared-memory loads per FMA) and
-// state_scan_v3 (v2 with latency hiding: Qm staged through shared memory 16 rows at a time instead
-// of one dependent global load per row, A / H / decay loaded into registers before they are needed):
-// the sequential chunk-to-chunk loop, shared by forward and backward:
+// state_scan: the sequential chunk-to-chunk loop, register-tiled, with Qm staged through shared
+// memory 16 rows at a time and A / H / decay loaded before they are needed (the loop is bound by
+// memory latency, not arithmetic), shared by forward and backward:
 //   for chunks n (in order, or reverse):
 //       Xs[n] = X;  O_n = A_n + sign_a * P_n X^T;  X <- decay_n X + H_n + sign_b * O_n^T Qm_n
 //   A, O (Bn, N, C, dv); P, Qm (Bn, N, C, dk); decay (Bn, N); X0, Xout (Bn, dv, dk);
@@ -28,10 +26,18 @@
 #define MAXC 64                   // largest chunk
 #define MAXK 128                  // largest d_k
 #define KT 32                     // k-slice of P staged in shared memory
-#define RG (NT / BV)              // phase 1: row groups
-#define RPT (MAXC / RG)           // phase 1: rows of O per thread
-#define VG (NT / MAXK)            // phase 2: row groups of X
-#define VPT (BV / VG)             // phase 2: rows of X per thread
+// state_scan tiling: phase 1 computes O (C x BV) = A + sign_a P X^T, thread (cg, vg) owning rows
+// cg + 16 r (r < CT1) and columns vg + VG1 s (s < VT1); phase 2 updates X (BV x dk), thread
+// (wg, kg) owning rows wg + WG2 r (r < VT2) and columns kg + 32 s (s < KT2).
+#define CG1 16
+#define VG1 (NT / CG1)
+#define CT1 (MAXC / CG1)
+#define VT1 (BV / VG1)
+#define KG2 32
+#define WG2 (NT / KG2)
+#define KT2 (MAXK / KG2)
+#define VT2 (BV / WG2)
+#define CQ 16                     // rows of Qm staged per pass (CQ * MAXK <= MAXC * (KT + 1))
 
 extern "C" __global__ void unit_lower_inverse(const REAL* __restrict__ A, REAL* __restrict__ Tout, int C)
 {
@@ -61,250 +67,6 @@ state_scan(const REAL* __restrict__ A, const REAL* __restrict__ P, const REAL* _
            const REAL* __restrict__ decay, const REAL* __restrict__ X0, const REAL* __restrict__ H,
            REAL* __restrict__ Xs, REAL* __restrict__ O, REAL* __restrict__ Xout,
            int N, int C, int dv, int dk, REAL sign_a, REAL sign_b, int has_h, int reverse)
-{
-    __shared__ REAL Xsh[BV][MAXK + 1];
-    __shared__ REAL Psh[MAXC][KT + 1];
-    __shared__ REAL Osh[MAXC][BV + 1];
-    const int tid = threadIdx.x;
-    const long b = blockIdx.x;
-    const int v0 = blockIdx.y * BV;
-    const int tx = tid % BV, ty = tid / BV;          // phase 1: column v0+tx of O, rows ty + RG r
-    const int k2 = tid % MAXK, vg = tid / MAXK;      // phase 2: column k2 of X, rows vg + VG r
-
-#pragma unroll
-    for (int r = 0; r < VPT; ++r) {
-        const int v = vg + VG * r;
-        REAL x = (REAL)0;
-        if (v0 + v < dv && k2 < dk) x = X0[(b * dv + v0 + v) * dk + k2];
-        Xsh[v][k2] = x;
-    }
-    __syncthreads();
-
-    for (int s = 0; s < N; ++s) {
-        const int n = reverse ? N - 1 - s : s;
-        const long bn = b * N + n;
-
-        // the state entering this step
-#pragma unroll
-        for (int r = 0; r < VPT; ++r) {
-            const int v = vg + VG * r;
-            if (v0 + v < dv && k2 < dk) Xs[(bn * dv + v0 + v) * dk + k2] = Xsh[v][k2];
-        }
-
-        // phase 1: O_n = A_n + sign_a * P_n X^T   (C x BV tile)
-        REAL acc[RPT];
-#pragma unroll
-        for (int r = 0; r < RPT; ++r) acc[r] = (REAL)0;
-        const REAL* Pn = P + bn * C * dk;
-        for (int k0 = 0; k0 < dk; k0 += KT) {
-            for (int e = tid; e < MAXC * KT; e += NT) {
-                const int c = e / KT, kk = e % KT;
-                Psh[c][kk] = (c < C && k0 + kk < dk) ? Pn[c * dk + k0 + kk] : (REAL)0;
-            }
-            __syncthreads();
-            const int kmax = min(KT, dk - k0);
-            for (int kk = 0; kk < kmax; ++kk) {
-                const REAL x = Xsh[tx][k0 + kk];
-#pragma unroll
-                for (int r = 0; r < RPT; ++r) acc[r] += Psh[ty + RG * r][kk] * x;
-            }
-            __syncthreads();
-        }
-        const REAL* An = A + bn * C * dv;
-        REAL* On = O + bn * C * dv;
-#pragma unroll
-        for (int r = 0; r < RPT; ++r) {
-            const int c = ty + RG * r;
-            REAL o = (REAL)0;
-            if (c < C && v0 + tx < dv) {
-                o = An[c * dv + v0 + tx] + sign_a * acc[r];
-                On[c * dv + v0 + tx] = o;
-            }
-            Osh[c][tx] = o;
-        }
-        __syncthreads();
-
-        // phase 2: X <- decay X + H_n + sign_b * O_n^T Qm_n   (BV x dk tile)
-        REAL acc2[VPT];
-#pragma unroll
-        for (int r = 0; r < VPT; ++r) acc2[r] = (REAL)0;
-        if (k2 < dk) {
-            const REAL* Qn = Qm + bn * C * dk;
-            for (int c = 0; c < C; ++c) {
-                const REAL q = Qn[c * dk + k2];
-#pragma unroll
-                for (int r = 0; r < VPT; ++r) acc2[r] += Osh[c][vg + VG * r] * q;
-            }
-            const REAL dec = decay[bn];
-#pragma unroll
-            for (int r = 0; r < VPT; ++r) {
-                const int v = vg + VG * r;
-                REAL x = dec * Xsh[v][k2] + sign_b * acc2[r];
-                if (has_h && v0 + v < dv) x += H[(bn * dv + v0 + v) * dk + k2];
-                Xsh[v][k2] = x;
-            }
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int r = 0; r < VPT; ++r) {
-        const int v = vg + VG * r;
-        if (v0 + v < dv && k2 < dk) Xout[(b * dv + v0 + v) * dk + k2] = Xsh[v][k2];
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// state_scan_v2: same contract as state_scan, register-tiled.
-//   phase 1: O (C x BV) = A + sign_a P X^T; thread (cg, vg) owns rows cg + 16 r (r < 4) and
-//            columns vg + 16 s (s < VT1), VT1 = BV / 16.
-//   phase 2: X (BV x dk) update; thread (wg, kg) owns rows wg + 8 r (r < VT2) and
-//            columns kg + 32 s (s < 4), VT2 = BV / 8.
-#define CG1 16
-#define VG1 (NT / CG1)
-#define CT1 (MAXC / CG1)
-#define VT1 (BV / VG1)
-#define KG2 32
-#define WG2 (NT / KG2)
-#define KT2 (MAXK / KG2)
-#define VT2 (BV / WG2)
-
-extern "C" __global__ void __launch_bounds__(NT)
-state_scan_v2(const REAL* __restrict__ A, const REAL* __restrict__ P, const REAL* __restrict__ Qm,
-              const REAL* __restrict__ decay, const REAL* __restrict__ X0, const REAL* __restrict__ H,
-              REAL* __restrict__ Xs, REAL* __restrict__ O, REAL* __restrict__ Xout,
-              int N, int C, int dv, int dk, REAL sign_a, REAL sign_b, int has_h, int reverse)
-{
-    __shared__ REAL Xsh[BV][MAXK + 1];
-    __shared__ REAL Psh[MAXC][KT + 1];
-    __shared__ REAL Osh[MAXC][BV + 1];
-    const int tid = threadIdx.x;
-    const long b = blockIdx.x;
-    const int v0 = blockIdx.y * BV;
-    const int cg = tid / VG1, vg = tid % VG1;        // phase 1
-    const int wg = tid / KG2, kg = tid % KG2;        // phase 2
-
-#pragma unroll
-    for (int r = 0; r < VT2; ++r)
-#pragma unroll
-        for (int s = 0; s < KT2; ++s) {
-            const int v = wg + WG2 * r, k = kg + KG2 * s;
-            REAL x = (REAL)0;
-            if (v0 + v < dv && k < dk) x = X0[(b * dv + v0 + v) * dk + k];
-            Xsh[v][k] = x;
-        }
-    __syncthreads();
-
-    for (int step = 0; step < N; ++step) {
-        const int n = reverse ? N - 1 - step : step;
-        const long bn = b * N + n;
-
-#pragma unroll
-        for (int r = 0; r < VT2; ++r)
-#pragma unroll
-            for (int s = 0; s < KT2; ++s) {
-                const int v = wg + WG2 * r, k = kg + KG2 * s;
-                if (v0 + v < dv && k < dk) Xs[(bn * dv + v0 + v) * dk + k] = Xsh[v][k];
-            }
-
-        // phase 1
-        REAL acc[CT1][VT1];
-#pragma unroll
-        for (int r = 0; r < CT1; ++r)
-#pragma unroll
-            for (int s = 0; s < VT1; ++s) acc[r][s] = (REAL)0;
-        const REAL* Pn = P + bn * C * dk;
-        for (int k0 = 0; k0 < dk; k0 += KT) {
-            for (int e = tid; e < MAXC * KT; e += NT) {
-                const int c = e / KT, kk = e % KT;
-                Psh[c][kk] = (c < C && k0 + kk < dk) ? Pn[c * dk + k0 + kk] : (REAL)0;
-            }
-            __syncthreads();
-            const int kmax = min(KT, dk - k0);
-            for (int kk = 0; kk < kmax; ++kk) {
-                REAL x[VT1], p[CT1];
-#pragma unroll
-                for (int s = 0; s < VT1; ++s) x[s] = Xsh[vg + VG1 * s][k0 + kk];
-#pragma unroll
-                for (int r = 0; r < CT1; ++r) p[r] = Psh[cg + CG1 * r][kk];
-#pragma unroll
-                for (int r = 0; r < CT1; ++r)
-#pragma unroll
-                    for (int s = 0; s < VT1; ++s) acc[r][s] += p[r] * x[s];
-            }
-            __syncthreads();
-        }
-        const REAL* An = A + bn * C * dv;
-        REAL* On = O + bn * C * dv;
-#pragma unroll
-        for (int r = 0; r < CT1; ++r)
-#pragma unroll
-            for (int s = 0; s < VT1; ++s) {
-                const int c = cg + CG1 * r, v = vg + VG1 * s;
-                REAL o = (REAL)0;
-                if (c < C && v0 + v < dv) {
-                    o = An[c * dv + v0 + v] + sign_a * acc[r][s];
-                    On[c * dv + v0 + v] = o;
-                }
-                Osh[c][v] = o;
-            }
-        __syncthreads();
-
-        // phase 2
-        REAL acc2[VT2][KT2];
-#pragma unroll
-        for (int r = 0; r < VT2; ++r)
-#pragma unroll
-            for (int s = 0; s < KT2; ++s) acc2[r][s] = (REAL)0;
-        const REAL* Qn = Qm + bn * C * dk;
-        for (int c = 0; c < C; ++c) {
-            REAL q[KT2], o[VT2];
-#pragma unroll
-            for (int s = 0; s < KT2; ++s) {
-                const int k = kg + KG2 * s;
-                q[s] = (k < dk) ? Qn[c * dk + k] : (REAL)0;
-            }
-#pragma unroll
-            for (int r = 0; r < VT2; ++r) o[r] = Osh[c][wg + WG2 * r];
-#pragma unroll
-            for (int r = 0; r < VT2; ++r)
-#pragma unroll
-                for (int s = 0; s < KT2; ++s) acc2[r][s] += o[r] * q[s];
-        }
-        const REAL dec = decay[bn];
-#pragma unroll
-        for (int r = 0; r < VT2; ++r)
-#pragma unroll
-            for (int s = 0; s < KT2; ++s) {
-                const int v = wg + WG2 * r, k = kg + KG2 * s;
-                if (k < dk) {
-                    REAL x = dec * Xsh[v][k] + sign_b * acc2[r][s];
-                    if (has_h && v0 + v < dv) x += H[(bn * dv + v0 + v) * dk + k];
-                    Xsh[v][k] = x;
-                }
-            }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int r = 0; r < VT2; ++r)
-#pragma unroll
-        for (int s = 0; s < KT2; ++s) {
-            const int v = wg + WG2 * r, k = kg + KG2 * s;
-            if (v0 + v < dv && k < dk) Xout[(b * dv + v0 + v) * dk + k] = Xsh[v][k];
-        }
-}
-
-// ---------------------------------------------------------------------------------------------
-// state_scan_v3: v2 + fewer exposed memory latencies per step (the loop is latency-bound: v1 and v2
-// spend most of each step waiting on 64 dependent loads of Qm rows).
-#define CQ 16                     // rows of Qm staged per pass (CQ * MAXK <= MAXC * (KT + 1))
-
-extern "C" __global__ void __launch_bounds__(NT)
-state_scan_v3(const REAL* __restrict__ A, const REAL* __restrict__ P, const REAL* __restrict__ Qm,
-              const REAL* __restrict__ decay, const REAL* __restrict__ X0, const REAL* __restrict__ H,
-              REAL* __restrict__ Xs, REAL* __restrict__ O, REAL* __restrict__ Xout,
-              int N, int C, int dv, int dk, REAL sign_a, REAL sign_b, int has_h, int reverse)
 {
     __shared__ REAL Xsh[BV][MAXK + 1];
     __shared__ REAL Stage[MAXC * (KT + 1)];          // P slices in phase 1, Qm slices in phase 2

@@ -5,13 +5,11 @@ per dtype (float32: fp32 arithmetic and accumulation; float64 for tests):
 
 - `unit_lower_inverse(A)`: (I + A)⁻¹ of each strictly lower C × C block (C ≤ 64), by forward
   substitution, one thread block per matrix.
-- `state_scan(A, P, Qm, decay, X0, H, sign_a, sign_b, reverse, version=2)`: the sequential
+- `state_scan(A, P, Qm, decay, X0, H, sign_a, sign_b, reverse)`: the sequential
   chunk-to-chunk loop of the forward (states, pseudo-values U) and backward (dS, dR) passes, fused
   into one launch; each thread block keeps a BV × d_k tile of the state in shared memory for the whole
-  sequence. Same contract as `mirascore.chunk.delta.state_scan` (the batched-matmul version).
-  version 1 is the plain kernel (one output per thread and step in each phase), version 2 the
-  register-tiled one, version 3 adds latency hiding (staged Qm, early loads); `SCAN_VERSION` picks
-  the default; all three are tested.
+  sequence (register-tiled, Qm staged through shared memory). Same contract as
+  `mirascore.chunk.delta.state_scan` (the batched-matmul version).
 
 Elementwise glue, fused so that each runs as one pass over memory (CuPy ElementwiseKernel /
 ReductionKernel, compiled on first call): `decay_matrix`, `strict_A`, `bwd_pairs`, `axpby`, `rowdot`.
@@ -31,8 +29,6 @@ _MAX_C, _MAX_K, _NT = 64, 128, 256
 _BV = {np.dtype(np.float32): 32, np.dtype(np.float64): 16}
 _REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _modules = {}
-SCAN_VERSION = 3          # which state_scan kernel runs by default (1, 2 or 3; all are tested)
-_SCAN_NAMES = {1: "state_scan", 2: "state_scan_v2", 3: "state_scan_v3"}
 
 
 def _empty(shape, dtype):
@@ -67,7 +63,7 @@ def unit_lower_inverse(A):
     return out
 
 
-def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=False, version=None):
+def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=False):
     """Fused sequential loop; see mirascore.chunk.delta.state_scan for the contract."""
     dt = A.dtype
     Bn, N, C, dv = A.shape
@@ -80,7 +76,7 @@ def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=Fal
     Xout = _empty((Bn, dv, dk), dt)
     bv = _BV[np.dtype(dt)]
     grid = (Bn, -(-dv // bv))
-    _function(_SCAN_NAMES[version or SCAN_VERSION], dt)(
+    _function("state_scan", dt)(
         grid, (_NT,),
         (A, P, Qm, decay, X0, Hc, Xs, O, Xout, np.int32(N), np.int32(C), np.int32(dv), np.int32(dk),
          real(sign_a), real(sign_b), np.int32(H is not None), np.int32(bool(reverse))))
