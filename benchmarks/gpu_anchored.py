@@ -69,10 +69,14 @@ def save_json():
 
 
 def enable_tf32():
-    """CUPY_TF32 alone does not reach cupy.matmul's batched (strided) cuBLAS calls; the handle's math
-    mode does: CUBLAS_TF32_TENSOR_OP_MATH lets single-precision GEMMs use TF32 tensor cores."""
+    """CUPY_TF32 alone does not reach batched (strided) cuBLAS calls; the handles' math mode does:
+    CUBLAS_TF32_TENSOR_OP_MATH lets single-precision GEMMs use TF32 tensor cores. The anchored
+    scan's products go through mirascore.gpu.blas, CuPy's own through CuPy's handle."""
     import cupy
     from cupy_backends.cuda.libs import cublas
+
+    from mirascore.gpu import blas
+    blas.set_tf32(True)
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
     return cublas.getMathMode(handle)
@@ -355,6 +359,10 @@ def bench_rule(name, args, dev, x, mode):
             row.update(peak_gib=(extra + in_bytes) / 2**30, finite=ok)
             ms, p20, p80 = dev.time_ms(fn, args.warmup, args.iters)
             row.update(ms=ms, p20=p20, p80=p80, tok_s=B * T / ms * 1e3)
+            if not dev.cpu:
+                from mirascore.gpu import graph
+                row.update(graph_gib=graph.memory_bytes() / 2**30)
+                graph.clear()
             if fl_m:
                 row.update(gflop=fl_m / 1e9, tflop_s=fl_m / ms / 1e9,
                            frac={k: fl_m / (ms * 1e-3) / v for k, v in CEIL.items()})
@@ -567,6 +575,8 @@ def main():
     ap.add_argument("--titans-tf32", action="store_true", help="also a titans row with torch TF32 matmuls")
     ap.add_argument("--tf32", action="store_true", help="(internal) this process runs the TF32 rows only")
     ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 child process")
+    ap.add_argument("--eager", action="store_true",
+                    help="no CUDA graph replay (mirascore.gpu.graph.enabled = False)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     profile = (QUICK_CPU if args.quick else CPU) if args.cpu else (QUICK if args.quick else FULL)
@@ -599,6 +609,10 @@ def main():
     t0 = time.time()
     x = make_inputs(args.B, args.H, args.T, args.d)
     mode = "tf32" if args.tf32 else "fp32"
+    if args.eager and not args.cpu:
+        from mirascore.gpu import graph
+        graph.enabled = False
+        mode += " eager"
     for name in args.rules:
         bench_rule(name, args, dev, x, mode)
     if not args.tf32 and not args.no_tf32 and not args.cpu:
@@ -606,6 +620,7 @@ def main():
         child_json = (args.json or "/tmp/gpu_anchored") + ".tf32.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--tf32", "--json", child_json,
                "--rules", ",".join(args.rules), "--modes", ",".join(args.modes)] + \
+              (["--eager"] if args.eager else []) + \
               [f"--{k.replace('_', '-')}={getattr(args, k)}"
                for k in ("B", "T", "H", "d", "expansion", "chunk", "warmup", "iters", "err_T")]
         try:

@@ -35,6 +35,14 @@ def namespace(*arrays):
     return np if xp is None else xp
 
 
+def matmul(a, b):
+    """a @ b; CuPy arrays go through `mirascore.gpu.blas` (cuBLAS that a CUDA graph can capture)."""
+    if is_cupy(a):
+        from .gpu.blas import matmul as gpu_matmul
+        return gpu_matmul(a, b)
+    return a @ b
+
+
 def to_numpy(x):
     """A host (numpy) copy of x, whether x lives on the host or a GPU."""
     return x.get() if is_cupy(x) else np.asarray(x)

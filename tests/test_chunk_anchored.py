@@ -670,22 +670,30 @@ def test_errors():
 ], ids=lambda r: "-".join(map(name, r)))
 def test_on_xp_arrays(xp, rule):
     """The same float64 forward and backward on the fixture's arrays (CuPy: cuBLAS matmuls),
-    equal to the numpy result; results stay on the device."""
+    equal to the numpy result; results stay on the device. Three calls with different tokens: on
+    CuPy the first runs eagerly, the second captures a CUDA graph, the third replays it."""
     prob = Problem(rule, np.random.default_rng(14), (2,), 21)
     on = (lambda x: None if x is None else xp.asarray(x))
     state = prob.state(P=tuple(map(on, prob.P)), S=None if prob.S is None else tuple(map(on, prob.S)))
-    Y, out, saved = anchored_scan_fwd(state, on(prob.K), on(prob.V), on(prob.Q), bias=rule.bias,
-                                      lr=on(prob.lr), alpha=on(prob.alpha), delta=on(prob.delta),
-                                      beta=on(prob.beta), chunk=8)
-    Yn, outn, savedn = anchored_scan_fwd(prob.state(), prob.K, prob.V, prob.Q, bias=rule.bias,
-                                         lr=prob.lr, alpha=prob.alpha, delta=prob.delta,
-                                         beta=prob.beta, chunk=8)
-    assert type(Y) is type(on(prob.K))
-    assert_close("Y", Y, Yn, rtol=RTOL, atol=ATOL)
-    dY = np.random.default_rng(15).standard_normal(Yn.shape)
-    g, gn = anchored_scan_bwd(saved, on(dY)), anchored_scan_bwd(savedn, dY)
-    for nm, a, b in [("K", g.K, gn.K), ("V", g.V, gn.V), ("Q", g.Q, gn.Q), ("lr", g.lr, gn.lr),
-                     ("alpha", g.alpha, gn.alpha)] + [(f"P{i}", a, b) for i, (a, b) in
-                                                      enumerate(zip(g.params, gn.params))]:
-        assert type(a) is type(Y), nm
-        assert_close(nm, a, b, rtol=RTOL, atol=ATOL)
+    for call in range(3):
+        K = prob.K + 0.1 * call
+        Y, out, saved = anchored_scan_fwd(state, on(K), on(prob.V), on(prob.Q), bias=rule.bias,
+                                          lr=on(prob.lr), alpha=on(prob.alpha), delta=on(prob.delta),
+                                          beta=on(prob.beta), chunk=8)
+        Yn, outn, savedn = anchored_scan_fwd(prob.state(), K, prob.V, prob.Q, bias=rule.bias,
+                                             lr=prob.lr, alpha=prob.alpha, delta=prob.delta,
+                                             beta=prob.beta, chunk=8)
+        assert type(Y) is type(on(prob.K))
+        assert_close("Y", Y, Yn, rtol=RTOL, atol=ATOL)
+        for a, b in zip(out.params, outn.params):
+            assert_close("final params", a, b, rtol=RTOL, atol=ATOL)
+        dY = np.random.default_rng(15 + call).standard_normal(Yn.shape)
+        g, gn = anchored_scan_bwd(saved, on(dY)), anchored_scan_bwd(savedn, dY)
+        for nm, a, b in [("K", g.K, gn.K), ("V", g.V, gn.V), ("Q", g.Q, gn.Q), ("lr", g.lr, gn.lr),
+                         ("alpha", g.alpha, gn.alpha)] + [(f"P{i}", a, b) for i, (a, b) in
+                                                          enumerate(zip(g.params, gn.params))]:
+            assert type(a) is type(Y), nm
+            assert_close(nm, a, b, rtol=RTOL, atol=ATOL)
+    if xp is not np:
+        from mirascore.gpu import graph
+        assert graph.enabled and graph.memory_bytes() > 0, "the repeated calls were not replayed"

@@ -28,7 +28,9 @@ import numpy as np
 
 import mirascore.autodiff as ad
 
+from .._xp import matmul as mm
 from .._xp import namespace
+from ..autodiff.core import tree_leaves
 from ..autodiff.numpy import unbroadcast
 from . import second_order as so
 
@@ -77,12 +79,12 @@ class _Tokens(NamedTuple):
 
 class Saved(NamedTuple):
     """What the backward needs: the rule, the broadcast inputs, each chunk's starting stored
-    quantity and momentum (everything inside a chunk is recomputed), and the inputs' shapes."""
+    quantity and momentum, per parameter stacked over chunks (everything inside a chunk is
+    recomputed), and the inputs' shapes."""
     rule: object
     tokens: object
-    bounds: list
-    s_in: list
-    S_in: list
+    s_in: tuple
+    S_in: tuple | None
     shapes: dict
 
 
@@ -113,19 +115,45 @@ def anchored_scan_fwd(state, K, V, Q, *, bias, lr, alpha=1.0, delta=None, beta=N
     _check_rule(rule, delta, beta)
     params, momentum, tokens, shapes = _broadcast(rule, state.params, state.momentum, K, V, Q,
                                                   lr, alpha, delta, beta)
+    Y, s, S, s_in, S_in = _device_call(_forward, rule, params, momentum, tokens)
+    final = state._replace(params=s, momentum=S)
+    return Y, final, Saved(rule, tokens, s_in, S_in, shapes)
+
+
+def _forward(rule, params, momentum, tokens):
+    """The chunk loop: (Y, final params, final momentum, each chunk's starting params and
+    momentum stacked along a new leading axis). Results are written into preallocated arrays:
+    CuPy's concatenate of many pieces copies pointers from the host, which a CUDA graph cannot
+    capture."""
     xp, T = namespace(*params, tokens.K), tokens.K.shape[-2]
-    s, S, ys, bounds, s_in, S_in = params, momentum, [], [], [], []
-    for start in range(0, T, rule.chunk):
-        stop = min(start + rule.chunk, T)
-        bounds.append((start, stop))
-        s_in.append(s)
-        S_in.append(S)
+    bounds = _bounds(T, rule.chunk)
+    Y = xp.empty(tokens.K.shape[:-2] + (T, rule.memory.d_out), dtype=tokens.K.dtype)
+
+    def stack(states):
+        return None if states is None or not bounds else \
+            tuple(xp.empty((len(bounds),) + x.shape, dtype=x.dtype) for x in states)
+    s, S = params, momentum
+    s_in, S_in = stack(s), stack(S)
+    for c, (start, stop) in enumerate(bounds):
+        for into, state in ((s_in, s), (S_in, S)):
+            for buffer, x in zip(into or (), state or ()):
+                buffer[c] = x
         Yc, s, S, _ = _chunk_forward(rule, s, S, tokens.window(start, stop))
-        ys.append(Yc)
-    Y = xp.concatenate(ys, axis=-2) if ys else xp.zeros(
-        tokens.K.shape[:-2] + (0, rule.memory.d_out), dtype=tokens.K.dtype)
-    final = state._replace(params=tuple(s), momentum=None if S is None else tuple(S))
-    return Y, final, Saved(rule, tokens, bounds, s_in, S_in, shapes)
+        Y[..., start:stop, :] = Yc
+    return Y, tuple(s), None if S is None else tuple(S), s_in, S_in
+
+
+def _bounds(T, chunk):
+    return [(start, min(start + chunk, T)) for start in range(0, T, chunk)]
+
+
+def _device_call(fn, rule, *args):
+    """fn(rule, *args); on CuPy replayed as a CUDA graph once the shapes repeat
+    (mirascore.gpu.graph), which removes the Python cost of each chunk's hundred small kernels."""
+    if namespace(*tree_leaves(args)) is np:
+        return fn(rule, *args)
+    from ..gpu import graph
+    return graph.call(lambda *a: fn(rule, *a), args, key=(fn.__name__, rule))
 
 
 def _check_rule(rule, delta, beta):
@@ -253,7 +281,7 @@ def _decay_vjp(D, dD):
     """d gate (..., b) from dD (..., b+1, b+1): for i < j ≤ t, D_ti = D_tj·gate_j·D_{j−1,i}, so
     d gate_j = Σ_t D_tj (dD Dᵀ)_{t,j−1}. No division by the gate (exact at β = 0); D's structural
     zeros keep entries of dD on or above the diagonal out of the sum."""
-    M = dD @ D.swapaxes(-1, -2)
+    M = mm(dD, D.swapaxes(-1, -2))
     return (D[..., :, 1:] * M[..., :, :-1]).sum(axis=-2)
 
 
@@ -266,8 +294,8 @@ def _coefficients(lr, alpha, beta):
     if beta is not None:
         Xb = _decay(beta)
         P, Db = Xb[..., 1:, 0], Xb[..., 1:, 1:]
-        R = Da @ Db
-        m = (Da @ P[..., None])[..., 0]
+        R = mm(Da, Db)
+        m = mm(Da, P[..., None])[..., 0]
         P_end, w = P[..., -1], Db[..., -1, :] * lr
     return _Coef(A, R * lr[..., None, :], m, P_end, w, Xa, Xb, R, lr)
 
@@ -293,10 +321,10 @@ def _coefficients_vjp(co, dA, dC, dm, dP_end, dw):
     else:
         Da, Db, P = co.Xa[..., 1:, 1:], co.Xb[..., 1:, 1:], co.Xb[..., 1:, 0]
         dlr = dlr + dw * Db[..., -1, :]
-        dDb = Da.swapaxes(-1, -2) @ dR
+        dDb = mm(Da.swapaxes(-1, -2), dR)
         dDb[..., -1, :] += dw * lr
-        dDa = dR @ Db.swapaxes(-1, -2) + dm[..., :, None] * P[..., None, :]
-        dP = (Da.swapaxes(-1, -2) @ dm[..., None])[..., 0]
+        dDa = mm(dR, Db.swapaxes(-1, -2)) + dm[..., :, None] * P[..., None, :]
+        dP = mm(Da.swapaxes(-1, -2), dm[..., None])[..., 0]
         dP[..., -1] += dP_end
         dbeta = _decay_vjp(co.Xb, _assemble(dP, dDb))
     return dlr, _decay_vjp(co.Xa, _assemble(dA, dDa)), dbeta
@@ -315,10 +343,10 @@ def _chunk_end(co, s_bar, S_bar, factors):
     Cb, Ab = co.C[..., -1, :, None], _mat(co.A[..., -1])
     s_lin, S_out = [], []
     for p, (E, F) in enumerate(factors):
-        x = Ab * s_bar[p] - E.swapaxes(-1, -2) @ (Cb * F)
+        x = Ab * s_bar[p] - mm(E.swapaxes(-1, -2), Cb * F)
         if co.m is not None:
             x = x + _mat(co.m[..., -1]) * S_bar[p]
-            S_out.append(_mat(co.P_end) * S_bar[p] - E.swapaxes(-1, -2) @ (co.w[..., :, None] * F))
+            S_out.append(_mat(co.P_end) * S_bar[p] - mm(E.swapaxes(-1, -2), co.w[..., :, None] * F))
         s_lin.append(x)
     return tuple(s_lin), (tuple(S_out) if co.m is not None else None)
 
@@ -340,29 +368,29 @@ def _rows(co, t):
 def _dual(X, base, S_bar, rows, E, F):
     """One parameter's dual-form read, o_t = A_t s̄ x_t + m_t S̄ x_t − Σ_i C_ti e_i (f_i·x_t):
     X (..., t, n), base s̄ and S̄ (..., m, n), E (..., b, m), F (..., b, n) -> (..., t, m)."""
-    O = rows.A[..., None] * (X @ base.swapaxes(-1, -2)) - (rows.C * (X @ F.swapaxes(-1, -2))) @ E
+    O = rows.A[..., None] * mm(X, base.swapaxes(-1, -2)) - mm(rows.C * mm(X, F.swapaxes(-1, -2)), E)
     if rows.m is not None:
-        O = O + rows.m[..., None] * (X @ S_bar.swapaxes(-1, -2))
+        O = O + rows.m[..., None] * mm(X, S_bar.swapaxes(-1, -2))
     return O
 
 
 def _dual_vjp(X, base, S_bar, rows, E, F, G):
     """VJP of `_dual` for cotangent G (..., t, m): (dX, dbase, dS_bar, dA, dm, dC, dE, dF)."""
     AG = rows.A[..., None] * G
-    dA = (G * (X @ base.swapaxes(-1, -2))).sum(axis=-1)
-    dbase = AG.swapaxes(-1, -2) @ X
-    H = G @ E.swapaxes(-1, -2)                  # (t, b): ⟨G_t, e_i⟩
-    Rx = X @ F.swapaxes(-1, -2)                 # (t, b): ⟨f_i, x_t⟩
+    dA = (G * mm(X, base.swapaxes(-1, -2))).sum(axis=-1)
+    dbase = mm(AG.swapaxes(-1, -2), X)
+    H = mm(G, E.swapaxes(-1, -2))               # (t, b): ⟨G_t, e_i⟩
+    Rx = mm(X, F.swapaxes(-1, -2))              # (t, b): ⟨f_i, x_t⟩
     CH = rows.C * H
-    dX = AG @ base - CH @ F
-    dF = -CH.swapaxes(-1, -2) @ X
-    dE = -(rows.C * Rx).swapaxes(-1, -2) @ G
+    dX = mm(AG, base) - mm(CH, F)
+    dF = -mm(CH.swapaxes(-1, -2), X)
+    dE = -mm((rows.C * Rx).swapaxes(-1, -2), G)
     dS = dm = None
     if rows.m is not None:
         mG = rows.m[..., None] * G
-        dm = (G * (X @ S_bar.swapaxes(-1, -2))).sum(axis=-1)
-        dS = mG.swapaxes(-1, -2) @ X
-        dX = dX + mG @ S_bar
+        dm = (G * mm(X, S_bar.swapaxes(-1, -2))).sum(axis=-1)
+        dS = mm(mG.swapaxes(-1, -2), X)
+        dX = dX + mm(mG, S_bar)
     return dX, dbase, dS, dA, dm, -H * Rx, dE, dF
 
 
@@ -512,20 +540,20 @@ def _chunk_end_vjp(cache, ds_lin, dS_out, acc):
         g = ds_lin[p]
         acc.ds_bar[p] = acc.ds_bar[p] + _mat(co.A[..., -1]) * g
         dA_b = dA_b + (g * cache.s_bar[p]).sum(axis=(-2, -1))
-        FgT = F @ g.swapaxes(-1, -2)
+        FgT = mm(F, g.swapaxes(-1, -2))
         dC_b = dC_b - (E * FgT).sum(axis=-1)
         acc.dE[p] = acc.dE[p] - Cb[..., None] * FgT
-        acc.dF[p] = acc.dF[p] - Cb[..., None] * (E @ g)
+        acc.dF[p] = acc.dF[p] - Cb[..., None] * mm(E, g)
         if co.m is None:
             continue
         G, S_bar = dS_out[p], cache.S_bar[p]
         acc.dS_bar[p] = acc.dS_bar[p] + _mat(co.m[..., -1]) * g + _mat(co.P_end) * G
         dm_b = dm_b + (g * S_bar).sum(axis=(-2, -1))
         dP_end = dP_end + (G * S_bar).sum(axis=(-2, -1))
-        FGT = F @ G.swapaxes(-1, -2)
+        FGT = mm(F, G.swapaxes(-1, -2))
         dw = dw - (E * FGT).sum(axis=-1)
         acc.dE[p] = acc.dE[p] - co.w[..., :, None] * FGT
-        acc.dF[p] = acc.dF[p] - co.w[..., :, None] * (E @ G)
+        acc.dF[p] = acc.dF[p] - co.w[..., :, None] * mm(E, G)
     return dA_b, dm_b, dP_end, dC_b, dw
 
 
@@ -551,24 +579,39 @@ def anchored_scan_bwd(saved, dY, dfinal=None):
     rule, tok = saved.rule, saved.tokens
     xp = namespace(tok.K)
     dparams, dmom = (None, None) if dfinal is None else dfinal
-    if not saved.s_in:                           # T = 0
-        return _grads(saved, xp, [], None, None, dparams, dmom)
+    if saved.s_in is None:                       # T = 0
+        return _grads(saved, xp, None, None, None, dparams, dmom)
     # the final state's cotangents, full (broadcast) shape; the stored quantity keeps its shape
-    like = saved.s_in[0]
-    ds = [_zeros_or(xp, d, x) for d, x in zip(dparams or (None,) * len(like), like)]
-    dS = [_zeros_or(xp, d, x) for d, x in zip(dmom or (None,) * len(like), like)] \
+    like = [x[0] for x in saved.s_in]
+    ds = tuple(_zeros_or(xp, d, x) for d, x in zip(dparams or (None,) * len(like), like))
+    dS = tuple(_zeros_or(xp, d, x) for d, x in zip(dmom or (None,) * len(like), like)) \
         if rule.momentum else None
-    dY_full = None if dY is None else xp.broadcast_to(dY, tok.Q.shape[:-1] + (rule.memory.d_out,))
-    pieces = []
-    for (start, stop), s_in, S_in in reversed(list(zip(saved.bounds, saved.s_in, saved.S_in))):
+    dY = None if dY is None else xp.broadcast_to(dY, tok.Q.shape[:-1] + (rule.memory.d_out,))
+    ds, dS, dtok = _device_call(_backward, rule, tok, saved.s_in, saved.S_in, dY, ds, dS)
+    return _grads(saved, xp, dtok, ds, dS, dparams, dmom)
+
+
+def _backward(rule, tok, s_in, S_in, dY, ds, dS):
+    """The chunk loop in reverse: (ds, dS at the scan's start, token gradients as a _Tokens of
+    full-length arrays, None where the input was None)."""
+    xp = namespace(tok.K)
+    grads = dict.fromkeys(_Tokens._fields)          # full-length arrays, filled chunk by chunk
+    for c, (start, stop) in reversed(list(enumerate(_bounds(tok.K.shape[-2], rule.chunk)))):
         window = tok.window(start, stop)
-        _, _, _, cache = _chunk_forward(rule, s_in, S_in, window)
+        _, _, _, cache = _chunk_forward(rule, tuple(x[c] for x in s_in),
+                                        None if S_in is None else tuple(x[c] for x in S_in), window)
         dYc = xp.zeros(window.Q.shape[:-1] + (rule.memory.d_out,), dtype=tok.K.dtype) \
-            if dY_full is None else dY_full[..., start:stop, :]
+            if dY is None else dY[..., start:stop, :]
         ds, dS, dtok = _chunk_backward(rule, cache, window, dYc, ds, dS)
-        pieces.append(dtok)
-    pieces.reverse()
-    return _grads(saved, xp, pieces, ds, dS, dparams, dmom)
+        for name, g in zip(_Tokens._fields, dtok):
+            if g is None:
+                continue
+            if grads[name] is None:
+                grads[name] = xp.empty(getattr(tok, name).shape, dtype=g.dtype)
+            cut = (Ellipsis, slice(start, stop)) + ((slice(None),) if name in ("K", "V", "Q") else ())
+            grads[name][cut] = g
+    dtok = _Tokens(**grads)
+    return tuple(ds), None if dS is None else tuple(dS), dtok
 
 
 def _zeros_or(xp, d, like):
@@ -578,11 +621,10 @@ def _zeros_or(xp, d, like):
     return xp.broadcast_to(xp.asarray(d, dtype=like.dtype), like.shape)
 
 
-def _grads(saved, xp, pieces, ds, dS, dparams, dmom):
-    """Concatenate the per-chunk token gradients along time and sum everything back to the
-    inputs' shapes."""
+def _grads(saved, xp, dtok, ds, dS, dparams, dmom):
+    """Everything summed back to the inputs' shapes; dtok None for T = 0."""
     sh = saved.shapes
-    if not pieces:                                # T = 0: the scan is the identity on the state
+    if dtok is None:                              # T = 0: the scan is the identity on the state
         zeros = [xp.zeros(s) for s in sh["params"]]
         params = tuple(z if d is None else unbroadcast(xp.asarray(d), s)
                        for z, d, s in zip(zeros, dparams or (None,) * len(zeros), sh["params"]))
@@ -593,16 +635,13 @@ def _grads(saved, xp, pieces, ds, dS, dparams, dmom):
         empty = {n: None if sh[n] is None else xp.zeros(sh[n]) for n in _Tokens._fields}
         return Grads(params, mom, **empty)
 
-    def cat(name, axis):
-        parts = [getattr(p, name) for p in pieces]
-        if parts[0] is None or sh[name] is None:
-            return None
-        return unbroadcast(xp.concatenate(parts, axis=axis), sh[name])
+    def back(name):
+        g = getattr(dtok, name)
+        return None if g is None or sh[name] is None else unbroadcast(g, sh[name])
     params = tuple(unbroadcast(d, s) for d, s in zip(ds, sh["params"]))
     mom = None if sh["momentum"] is None or dS is None else \
         tuple(unbroadcast(d, s) for d, s in zip(dS, sh["momentum"]))
-    return Grads(params, mom, cat("K", -2), cat("V", -2), cat("Q", -2), cat("lr", -1),
-                 cat("alpha", -1), cat("delta", -1), cat("beta", -1))
+    return Grads(params, mom, *(back(n) for n in _Tokens._fields))
 
 
 # ---------------------------------------------------------------- one autodiff primitive

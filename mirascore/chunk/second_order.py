@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import mirascore.autodiff.numpy as anp
 
+from .._xp import matmul as mm
 from .._xp import namespace
 from ..memory import LN_EPS
 
@@ -170,7 +171,7 @@ class LinearCache(NamedTuple):
 def linear_forward(params, K, c=None):
     """y_i = c_i W̄ k_i for all rows: (Y (..., b, d_out), cache)."""
     (W,) = params
-    Y0 = K @ _T(W)
+    Y0 = mm(K, _T(W))
     return _scaled(Y0, c), LinearCache(W, K, c, Y0)
 
 
@@ -188,8 +189,8 @@ def linear_grad_vjp(cache, gcache, psi, dfactors):
 def linear_apply_vjp(cache, dY, dinter=None):
     """VJP of Y = c ⊙ (K W̄ᵀ): dY (..., b, d_out) -> ((dW̄,), dK, dc)."""
     dY0 = _scaled(dY, cache.c)
-    dW = _T(dY0) @ cache.K
-    dK = dY0 @ cache.W
+    dW = mm(_T(dY0), cache.K)
+    dK = mm(dY0, cache.W)
     dc = None if cache.c is None else (dY * cache.Y0).sum(axis=-1)
     return (dW,), dK, dc
 
@@ -222,10 +223,10 @@ class MLPGradCache(NamedTuple):
 def mlp_forward(params, K, c=None):
     """y_i = k_i + LN(c_i W̄1 gelu(c_i W̄2 k_i)) for all rows: (Y (..., b, d), cache)."""
     W1, W2 = params
-    z0 = K @ _T(W2)
+    z0 = mm(K, _T(W2))
     z = _scaled(z0, c)
     a = gelu(z)
-    u0 = a @ _T(W1)
+    u0 = mm(a, _T(W1))
     u_hat, s = layer_norm(_scaled(u0, c))
     return K + u_hat, MLPCache(W1, W2, K, c, z0, z, a, u0, u_hat, s)
 
@@ -234,7 +235,7 @@ def mlp_factors(cache, psi):
     """Paper §5.1 at Wg = c·W̄: ∇W1 = g_u aᵀ, ∇W2 = g_z kᵀ; g_u = LN-backward(ψ),
     g_z = c (W̄1ᵀ g_u) ⊙ gelu'(z). Returns (((g_u, a), (g_z, K)), gcache)."""
     g_u = ln_project(psi, cache.u_hat, cache.s)
-    h = g_u @ cache.W1
+    h = mm(g_u, cache.W1)
     gp = gelu_prime(cache.z)
     g_z = _scaled(h * gp, cache.c)
     return ((g_u, cache.a), (g_z, cache.K)), MLPGradCache(g_u, h, gp)
@@ -253,8 +254,8 @@ def mlp_grad_vjp(cache, gcache, psi, dfactors):
     dh = dEc * gp
     dz = dEc * h * gelu_second(cache.z)
     dc = None if c is None else (dE2 * h * gp).sum(axis=-1)
-    dW1 = _T(g_u) @ dh                                        # h = W̄1ᵀ g_u
-    dg_u = dE1 + dh @ _T(cache.W1)
+    dW1 = mm(_T(g_u), dh)                                      # h = W̄1ᵀ g_u
+    dg_u = dE1 + mm(dh, _T(cache.W1))
     dpsi = ln_project(dg_u, u_hat, s)                         # g_u = LN-backward(ψ; û, s)
     du_hat = -(dg_u * (psi * u_hat).mean(axis=-1, keepdims=True)
                + psi * (dg_u * u_hat).mean(axis=-1, keepdims=True)) / s
@@ -273,12 +274,12 @@ def mlp_apply_vjp(cache, dY, dinter=None):
     if ds is not None:                                        # s = sqrt(var u + ε): ∂s/∂u = û/d
         du = du + ds * u_hat / u_hat.shape[-1]
     du0 = _scaled(du, c)                                      # u = c·(W̄1 a)
-    dW1 = _T(du0) @ cache.a
-    da = _add(da, du0 @ cache.W1)
+    dW1 = mm(_T(du0), cache.a)
+    da = _add(da, mm(du0, cache.W1))
     dz = _add(dz, da * gelu_prime(cache.z))                   # a = gelu(z)
     dz0 = _scaled(dz, c)                                      # z = c·(W̄2 k)
-    dW2 = _T(dz0) @ cache.K
-    dK = dY + dz0 @ cache.W2                                  # residual + MLP path
+    dW2 = mm(_T(dz0), cache.K)
+    dK = dY + mm(dz0, cache.W2)                                # residual + MLP path
     dc = None
     if c is not None:
         dc = (du * cache.u0).sum(axis=-1) + (dz * cache.z0).sum(axis=-1)

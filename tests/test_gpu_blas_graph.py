@@ -1,0 +1,149 @@
+"""mirascore.gpu.blas (capture-safe cuBLAS GEMM) and mirascore.gpu.graph (CUDA graph replay),
+on the GPU only: matmul equals cupy.matmul for every operand layout the chunk code produces, and
+a replayed graph equals the eager function for fresh inputs."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.gpu
+
+LAYOUTS = ("contiguous", "transposed", "strided", "broadcast", "reversed")
+
+
+def _operand(cupy, rng, batch, rows, cols, layout, dtype):
+    """A (batch..., rows, cols) array in the given memory layout."""
+    if layout == "transposed":
+        return cupy.asarray(rng.standard_normal(batch + (cols, rows)), dtype=dtype).swapaxes(-1, -2)
+    if layout == "strided":      # a column slice: rows further apart than the row length
+        return cupy.asarray(rng.standard_normal(batch + (rows, cols + 3)), dtype=dtype)[..., :cols]
+    if layout == "broadcast":    # one matrix shared by the whole batch
+        return cupy.broadcast_to(cupy.asarray(rng.standard_normal((rows, cols)), dtype=dtype),
+                                 batch + (rows, cols))
+    if layout == "reversed":     # negative strides: must be copied, never misread
+        return cupy.asarray(rng.standard_normal(batch + (rows, cols)), dtype=dtype)[..., ::-1, :]
+    return cupy.asarray(rng.standard_normal(batch + (rows, cols)), dtype=dtype)
+
+
+@given(batch=st.lists(st.integers(1, 3), max_size=3).map(tuple),
+       m=st.integers(1, 9), k=st.integers(0, 9), n=st.integers(1, 9),
+       la=st.sampled_from(LAYOUTS), lb=st.sampled_from(LAYOUTS),
+       a_batched=st.booleans(), dtype=st.sampled_from(["float32", "float64"]),
+       seed=st.integers(0, 2 ** 16))
+def test_matmul_equals_cupy(batch, m, k, n, la, lb, a_batched, dtype, seed):
+    import cupy
+    from mirascore.gpu import blas
+    rng = np.random.default_rng(seed)
+    a = _operand(cupy, rng, batch if a_batched else (), m, k, la, dtype)
+    b = _operand(cupy, rng, batch, k, n, lb, dtype)
+    got = blas.matmul(a, b)
+    want = cupy.matmul(a, b)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    cupy.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_matmul_rejects_bad_input():
+    import cupy
+    from mirascore.gpu import blas
+    with pytest.raises(ValueError, match="inner sizes"):
+        blas.matmul(cupy.ones((2, 3)), cupy.ones((4, 2)))
+    with pytest.raises(ValueError, match="float32 or two float64"):
+        blas.matmul(cupy.ones((2, 3), "float32"), cupy.ones((3, 2), "float64"))
+    with pytest.raises(ValueError, match="ndim"):
+        blas.matmul(cupy.ones(3), cupy.ones((3, 2)))
+
+
+def test_tf32_switch_changes_float32_products_only_within_tf32_error():
+    import cupy
+    from mirascore.gpu import blas
+    rng = np.random.default_rng(0)
+    a = cupy.asarray(rng.standard_normal((4, 64, 256)), dtype=cupy.float32)
+    b = cupy.asarray(rng.standard_normal((4, 256, 64)), dtype=cupy.float32)
+    exact = cupy.matmul(a.astype(cupy.float64), b.astype(cupy.float64))
+    previous = blas.set_tf32(True)
+    try:
+        fast = blas.matmul(a, b)
+    finally:
+        blas.set_tf32(previous)
+    err = float(cupy.linalg.norm(fast - exact) / cupy.linalg.norm(exact))
+    assert err < 1e-2
+    assert float(cupy.linalg.norm(blas.matmul(a, b) - exact) / cupy.linalg.norm(exact)) < 1e-6
+
+
+def test_graph_replay_equals_eager_for_fresh_inputs():
+    """First call eager, second captured, later ones replayed: each equals the eager function on
+    its own inputs, outputs are fresh arrays (a replay does not overwrite earlier results), and
+    None leaves and nested tuples pass through."""
+    import cupy
+    from mirascore.gpu import blas, graph
+
+    def fn(x, pair):
+        w, none = pair
+        assert none is None
+        h = blas.matmul(x, w)
+        return cupy.tanh(h).sum(axis=-1), (h * 2, None)
+
+    rng = np.random.default_rng(1)
+    graph.clear()
+    w = cupy.asarray(rng.standard_normal((3, 5, 4)))
+    results = []
+    for _ in range(4):
+        x = cupy.asarray(rng.standard_normal((3, 6, 5)))
+        out = graph.call(fn, (x, (w, None)), key="test")
+        results.append((x, out))
+    assert graph.memory_bytes() > 0
+    for x, (s, (h2, none)) in results:
+        assert none is None
+        cupy.testing.assert_allclose(h2, 2 * cupy.matmul(x, w), rtol=1e-12)
+        cupy.testing.assert_allclose(s, cupy.tanh(cupy.matmul(x, w)).sum(axis=-1), rtol=1e-12)
+    graph.clear()
+    assert graph.memory_bytes() == 0
+
+
+def test_graph_keeps_at_most_max_graphs():
+    import cupy
+    from mirascore.gpu import graph
+    graph.clear()
+    for n in range(graph.MAX_GRAPHS + 3):
+        x = cupy.ones(n + 1)
+        for _ in range(2):
+            graph.call(lambda v: v * 3, (x,), key="size")
+    assert len(graph._graphs) == graph.MAX_GRAPHS
+    graph.clear()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_scan_with_many_chunks_is_captured_and_replayed():
+    """mc.scan forward + backward of an mlp rule over 40 chunks, three times on the GPU: the
+    capture must succeed (a failed one warns, an error here) and every call equals numpy."""
+    import cupy
+    import mirascore as mc
+    import mirascore.autodiff as ad
+    from mirascore.gpu import graph
+    rule = mc.presets.titans(4)
+    rng = np.random.default_rng(3)
+    B, T = 2, 80
+    params = rule.memory.init(0, batch_shape=(B,), dtype=np.float64)
+    graph.clear()
+    for call in range(3):
+        K, V, Q = (rng.standard_normal((B, T, 4)) for _ in range(3))
+        K, Q = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (K, Q))
+        gates = dict(lr=np.full((B, T), 0.1), alpha=np.full((B, T), 0.95), beta=np.full((B, T), 0.9))
+        dY = rng.standard_normal((B, T, 4))
+
+        def run(xp):
+            on = xp.asarray
+
+            def f(P, K, V, Q):
+                state = mc.init(rule.memory, P, retention=rule.retention, algorithm=rule.algorithm)
+                return mc.scan(state, K, V, Q, bias=rule.bias, chunk=2,
+                               **{k: on(v) for k, v in gates.items()})[0]
+            Y, pull = ad.vjp(f, tuple(map(on, params)), on(K), on(V), on(Q))
+            return Y, pull(on(dY))
+        (Yg, gg), (Yn, gn) = run(cupy), run(np)
+        for a, b in zip((Yg,) + gg[0] + gg[1:], (Yn,) + gn[0] + gn[1:]):   # Y, params, K, V, Q
+            # float64 round-off differs between cuBLAS and numpy: relative to each array's scale
+            cupy.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10 * float(np.abs(b).max()))
+    assert graph.memory_bytes() > 0
+    graph.clear()
