@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import mirascore.autodiff.numpy as anp
 
+from .._xp import is_cupy, namespace
 from .._xp import matmul as mm
-from .._xp import namespace
 from ..memory import LN_EPS
 
 _SQRT2 = math.sqrt(2.0)
@@ -59,18 +59,30 @@ def _gauss_pdf(z):
     return namespace(z).exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
+def _fused():
+    """mirascore.gpu.fused: one-pass CuPy kernels of the formulas below (imported on CuPy input)."""
+    from ..gpu import fused
+    return fused
+
+
 def gelu(z):
     """Exact (erf) GELU, z·Φ(z)."""
+    if is_cupy(z):
+        return _fused().gelu(z)
     return z * _gauss_cdf(z)
 
 
 def gelu_prime(z):
     """gelu'(z) = Φ(z) + z φ(z)."""
+    if is_cupy(z):
+        return _fused().gelu_prime(z)
     return _gauss_cdf(z) + z * _gauss_pdf(z)
 
 
 def gelu_second(z):
     """gelu''(z) = φ(z)(2 − z²)."""
+    if is_cupy(z):
+        return _fused().gelu_second(z)
     return _gauss_pdf(z) * (2.0 - z * z)
 
 
@@ -85,7 +97,11 @@ def layer_norm(u):
 def ln_project(g, u_hat, s):
     """(g − mean g − û·mean(g ⊙ û))/s: LN's backward map at (û, s); symmetric in g, so it is also
     the VJP of itself with respect to g."""
-    return (g - g.mean(axis=-1, keepdims=True) - u_hat * (g * u_hat).mean(axis=-1, keepdims=True)) / s
+    mean_g = g.mean(axis=-1, keepdims=True)
+    if is_cupy(g):
+        mean_gu = _fused().dot_sum(g, u_hat, -1) / g.shape[-1]
+        return _fused().ln_project(g, u_hat, s, mean_g, mean_gu)
+    return (g - mean_g - u_hat * (g * u_hat).mean(axis=-1, keepdims=True)) / s
 
 
 # ---------------------------------------------------------------- biases: ψ-VJPs
@@ -117,6 +133,8 @@ def _lp_vjp(bias, r, delta, dpsi):
         return dpsi * d, None
     if p == 1.0:                                 # ψ = sign(r): zero derivative a.e.
         return 0.0 * dpsi, None
+    if is_cupy(r):
+        return _fused().lp_psi_grad(r, dpsi, p), None
     return dpsi * ((p - 1.0) * xp.abs(r) ** (p - 2.0)), None
 
 
@@ -340,18 +358,25 @@ _MATRIX = (-2, -1)
 def lq_scale(A, q, eps):
     """(ν, n): ν = max(n, eps)^(2−q), n = ‖A‖_q over each matrix; both (..., 1, 1)."""
     xp = namespace(A)
-    n = ((xp.abs(A) ** q).sum(axis=_MATRIX, keepdims=True)) ** (1.0 / q)
+    power_sum = _fused().lq_power_sum(A, q) if is_cupy(A) else \
+        (xp.abs(A) ** q).sum(axis=_MATRIX, keepdims=True)
+    n = power_sum ** (1.0 / q)
     return xp.maximum(n, eps) ** (2.0 - q), n
 
 
-def lq_scale_vjp(A, q, eps, n, dnu):
+def lq_scale_vjp(A, q, eps, n, dnu, nu=None, dW=None):
     """VJP of ν(A) = max(‖A‖_q, eps)^(2−q): dν (..., 1, 1) -> dA. Zero on the eps branch (ν
-    constant there): dA = dν (2−q) n^(2−2q) sign(A)|A|^(q−1) for n > eps."""
+    constant there): dA = dν (2−q) n^(2−2q) sign(A)|A|^(q−1) for n > eps. With nu and dW, returns
+    ν·dW + dA (expose_vjp's sum, one pass on the GPU)."""
     xp = namespace(A)
     big = n > eps
     n_safe = xp.where(big, n, 1.0)
     coef = xp.where(big, dnu * (2.0 - q) * n_safe ** (2.0 - 2.0 * q), 0.0)
-    return coef * xp.sign(A) * xp.abs(A) ** (q - 1.0)
+    if is_cupy(A):
+        zero = A.dtype.type(0)
+        return _fused().lq_grad(A, zero if nu is None else nu, zero if dW is None else dW, coef, q)
+    dA = coef * xp.sign(A) * xp.abs(A) ** (q - 1.0)
+    return dA if nu is None else nu * dW + dA
 
 
 def expose(retention, s):
@@ -373,8 +398,9 @@ def expose_vjp(retention, s, W, dW):
     name = retention.name
     if name == "lq":
         nu, n = lq_scale(s, retention.q, retention.eps)
-        dnu = (dW * s).sum(axis=_MATRIX, keepdims=True)
-        return nu * dW + lq_scale_vjp(s, retention.q, retention.eps, n, dnu)
+        dnu = _fused().dot_sum(dW, s, _MATRIX) if is_cupy(s) else \
+            (dW * s).sum(axis=_MATRIX, keepdims=True)
+        return lq_scale_vjp(s, retention.q, retention.eps, n, dnu, nu, dW)
     if name == "kl":                                  # row softmax scaled by `scale`
         return W * (dW - _rowsum(dW * W) / retention.scale)
     if name == "sigmoid":
