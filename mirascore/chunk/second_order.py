@@ -97,11 +97,10 @@ def layer_norm(u):
 def ln_project(g, u_hat, s):
     """(g − mean g − û·mean(g ⊙ û))/s: LN's backward map at (û, s); symmetric in g, so it is also
     the VJP of itself with respect to g."""
-    mean_g = g.mean(axis=-1, keepdims=True)
+    mean_g, mean_gu = g.mean(axis=-1, keepdims=True), (g * u_hat).mean(axis=-1, keepdims=True)
     if is_cupy(g):
-        mean_gu = _fused().dot_sum(g, u_hat, -1) / g.shape[-1]
         return _fused().ln_project(g, u_hat, s, mean_g, mean_gu)
-    return (g - mean_g - u_hat * (g * u_hat).mean(axis=-1, keepdims=True)) / s
+    return (g - mean_g - u_hat * mean_gu) / s
 
 
 # ---------------------------------------------------------------- biases: ψ-VJPs
@@ -398,8 +397,7 @@ def expose_vjp(retention, s, W, dW):
     name = retention.name
     if name == "lq":
         nu, n = lq_scale(s, retention.q, retention.eps)
-        dnu = _fused().dot_sum(dW, s, _MATRIX) if is_cupy(s) else \
-            (dW * s).sum(axis=_MATRIX, keepdims=True)
+        dnu = (dW * s).sum(axis=_MATRIX, keepdims=True)
         return lq_scale_vjp(s, retention.q, retention.eps, n, dnu, nu, dW)
     if name == "kl":                                  # row softmax scaled by `scale`
         return W * (dW - _rowsum(dW * W) / retention.scale)

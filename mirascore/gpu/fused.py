@@ -7,7 +7,6 @@ numpy formula takes three to six. Each function here has a numpy twin in
     lq_power_sum(A, q)                         Σ|A|^q over each matrix (..., 1, 1)
     lq_grad(A, nu, dW, coef, q)                nu·dW + coef·sign(A)|A|^(q−1)  (lq's exposing-map VJP)
     lp_psi_grad(r, dpsi, p)                    dpsi·(p−1)|r|^(p−2)            (ℓp bias, ψ's VJP)
-    dot_sum(x, y, axis)                        Σ x·y over `axis`, dims kept
 
 Kernels are built on first use (CuPy compiles and caches them); float32 and float64 alike; scalar
 parameters travel as kernel arguments, so every call can be captured in a CUDA graph.
@@ -21,7 +20,7 @@ _CDF = "const T cdf = 0.5 * (1 + erf(z * (T)0.7071067811865476));"    # 1/sqrt(2
 @functools.cache
 def _kernels():
     import cupy
-    ew, red = cupy.ElementwiseKernel, cupy.ReductionKernel
+    ew = cupy.ElementwiseKernel
     sign = "const T sgn = (A > 0) - (A < 0);"       # numpy's sign: 0 at 0
     return dict(
         gelu=ew("T z", "T y", _CDF + "y = z * cdf;", "mirascore_gelu"),
@@ -29,13 +28,11 @@ def _kernels():
         gelu_second=ew("T z", "T y", _PHI + "y = phi * (2 - z * z);", "mirascore_gelu_second"),
         ln_project=ew("T g, T u, T mg, T mgu, T s", "T y", "y = (g - mg - u * mgu) / s;",
                       "mirascore_ln_project"),
-        lq_power_sum=red("T A, T q", "T y", "pow(fabs(A), q)", "a + b", "y = a", "0",
-                         "mirascore_lq_power_sum"),
+        abs_pow=ew("T A, T q", "T y", "y = pow(fabs(A), q);", "mirascore_abs_pow"),
         lq_grad=ew("T A, T nu, T dW, T coef, T q", "T y",
                    sign + "y = nu * dW + coef * sgn * pow(fabs(A), q - 1);", "mirascore_lq_grad"),
         lp_psi_grad=ew("T r, T dpsi, T p", "T y", "y = dpsi * ((p - 1) * pow(fabs(r), p - 2));",
                        "mirascore_lp_psi_grad"),
-        dot_sum=red("T x, T y", "T z", "x * y", "a + b", "z = a", "0", "mirascore_dot_sum"),
     )
 
 
@@ -56,7 +53,9 @@ def ln_project(g, u_hat, s, mean_g, mean_gu):
 
 
 def lq_power_sum(A, q):
-    return _kernels()["lq_power_sum"](A, A.dtype.type(q), axis=(-2, -1), keepdims=True)
+    # |A|^q in one pass, then CuPy's (CUB) segmented sum: measured 12 µs per 16 MB state on an
+    # H200, against 32 µs for abs, power, sum and 43 µs for one ReductionKernel doing it all
+    return _kernels()["abs_pow"](A, A.dtype.type(q)).sum(axis=(-2, -1), keepdims=True)
 
 
 def lq_grad(A, nu, dW, coef, q):
@@ -65,7 +64,3 @@ def lq_grad(A, nu, dW, coef, q):
 
 def lp_psi_grad(r, dpsi, p):
     return _kernels()["lp_psi_grad"](r, dpsi, r.dtype.type(p))
-
-
-def dot_sum(x, y, axis):
-    return _kernels()["dot_sum"](x, y, axis=axis, keepdims=True)
