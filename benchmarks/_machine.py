@@ -1,4 +1,4 @@
-"""What the CPU benchmarks print about the machine they ran on."""
+"""What the benchmarks share: the CPU model they print, and the TF32 switch of the GPU ones."""
 import platform
 from pathlib import Path
 
@@ -12,3 +12,17 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def enable_tf32():
+    """TF32 tensor cores for float32 GEMMs: mirascore's own cuBLAS handles (mirascore.gpu.blas, which
+    the scans use) and CuPy's (CUPY_TF32 alone does not reach batched strided calls; the handle's
+    math mode does). Returns CuPy's handle's math mode."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    from mirascore.gpu import blas
+    blas.set_tf32(True)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
+    return cublas.getMathMode(handle)

@@ -46,6 +46,8 @@ if "--tf32" in sys.argv:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import enable_tf32  # noqa: E402
 import mirascore as mc  # noqa: E402
 import mirascore.autodiff as ad  # noqa: E402
 
@@ -67,19 +69,6 @@ def save_json():
         with open(JSON["path"], "w") as f:
             json.dump(dict(ceilings=CEIL, rows=ROWS, **JSON["extra"]), f, indent=1, default=str)
 
-
-def enable_tf32():
-    """CUPY_TF32 alone does not reach batched (strided) cuBLAS calls; the handles' math mode does:
-    CUBLAS_TF32_TENSOR_OP_MATH lets single-precision GEMMs use TF32 tensor cores. The anchored
-    scan's products go through mirascore.gpu.blas, CuPy's own through CuPy's handle."""
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-
-    from mirascore.gpu import blas
-    blas.set_tf32(True)
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
-    return cublas.getMathMode(handle)
 
 
 # ---------------------------------------------------------------- FLOPs

@@ -29,19 +29,11 @@ import traceback
 if "--tf32" in sys.argv:
     os.environ["CUPY_TF32"] = "1"          # must precede the CuPy import
 
-
-def enable_tf32():
-    """CUPY_TF32 alone does not reach cupy.matmul's batched (strided) cuBLAS calls; the handle's math
-    mode does: CUBLAS_TF32_TENSOR_OP_MATH lets single-precision GEMMs use TF32 tensor cores."""
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
-    return cublas.getMathMode(handle)
-
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import enable_tf32  # noqa: E402
 
 CEIL = {"fp32": 51e12, "fp32_batched": 25e12, "bf16": 745e12}
 ROWS = []

@@ -29,7 +29,6 @@ def main():
     args = ap.parse_args()
 
     import cupy
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from mirascore.gpu import graph

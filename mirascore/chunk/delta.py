@@ -16,12 +16,13 @@ docs/derivations/scan-backward-delta.md.
 Array-agnostic (numpy or CuPy, chosen by the arguments). On CuPy arrays the sequential state loop and
 the triangular inverse run as RawKernels from `mirascore.gpu.delta_kernels` (imported lazily), the
 elementwise glue as fused Elementwise/ReductionKernels, and everything else as cuBLAS batched matmuls
-through `cupy.matmul` (TF32 if the cuBLAS handle's math mode allows it; see benchmarks/gpu_delta.py).
+through `mirascore.gpu.blas` (transposed views without copies; TF32 after `blas.set_tf32(True)`).
 """
 from typing import NamedTuple
 
 import numpy as np
 
+from .._xp import matmul as mm
 from .._xp import namespace
 from ..autodiff.numpy import unbroadcast
 from ..autodiff.tracer import Box, defvjp, defvjp_argnums, primitive
@@ -173,7 +174,7 @@ def unit_lower_inverse(A):
         idx = xp.arange(n)
         Ti[..., idx, idx] = 1
         for i in range(1, n):
-            Ti[..., i, :i] = -xp.matmul(A[..., i:i + 1, :i], Ti[..., :i, :i])[..., 0, :]
+            Ti[..., i, :i] = -mm(A[..., i:i + 1, :i], Ti[..., :i, :i])[..., 0, :]
         return Ti
     h = n // 2
     if n == 2 * h:
@@ -184,7 +185,7 @@ def unit_lower_inverse(A):
     Ti = xp.zeros_like(A)
     Ti[..., :h, :h] = X
     Ti[..., h:, h:] = Z
-    Ti[..., h:, :h] = -xp.matmul(Z, xp.matmul(A[..., h:, :h], X))
+    Ti[..., h:, :h] = -mm(Z, mm(A[..., h:, :h], X))
     return Ti
 
 
@@ -203,9 +204,9 @@ def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=Fal
     X = X0
     for n in (range(N - 1, -1, -1) if reverse else range(N)):
         Xs[:, n] = X
-        On = A[:, n] + sign_a * xp.matmul(P[:, n], _swap(X))
+        On = A[:, n] + sign_a * mm(P[:, n], _swap(X))
         O[:, n] = On
-        X = decay[:, n, None, None] * X + sign_b * xp.matmul(_swap(On), Qm[:, n])
+        X = decay[:, n, None, None] * X + sign_b * mm(_swap(On), Qm[:, n])
         if H is not None:
             X = X + H[:, n]
     return Xs, O, X
@@ -236,16 +237,16 @@ def chunk_delta_fwd(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
     kern = _kernels(xp, kernels, dt, d_v, d_k, C)
     incl, strict = _masks(xp, C)
     gam, lam, gamC, D = _decays(xp, kern, ac, incl)
-    A = _strict_A(xp, kern, bc, D, xp.matmul(Kc, _swap(Kc)), strict)
+    A = _strict_A(xp, kern, bc, D, mm(Kc, _swap(Kc)), strict)
     Tinv = kern.unit_lower_inverse(A) if kern else unit_lower_inverse(A)
     del A
-    Wm = xp.matmul(Tinv * (bc * gam)[..., None, :], Kc)     # (I+A)⁻¹ diag(bγ) K
-    Um = xp.matmul(Tinv * cc[..., None, :], Vc)             # (I+A)⁻¹ diag(c) V
+    Wm = mm(Tinv * (bc * gam)[..., None, :], Kc)     # (I+A)⁻¹ diag(bγ) K
+    Um = mm(Tinv * cc[..., None, :], Vc)             # (I+A)⁻¹ diag(c) V
     scan = kern.state_scan if kern else state_scan
     states, U, W_T = scan(Um, Wm, lam[..., None] * Kc, gamC, W0f)     # U = Um − Wm Sᵀ per chunk
     del Wm, Um
-    PU = xp.matmul(D * xp.matmul(Qc, _swap(Kc)), U)
-    Y = _axpby(kern, gam[..., None], xp.matmul(Qc, _swap(states)), dt.type(1), PU)
+    PU = mm(D * mm(Qc, _swap(Kc)), U)
+    Y = _axpby(kern, gam[..., None], mm(Qc, _swap(states)), dt.type(1), PU)
     saved = DeltaSaved(Kc, Vc, Qc, ac, bc, cc, states, Tinv, (batch, T, shapes, kernels))
     return _unflat(Y, batch, T), W_T.reshape(batch + (d_v, d_k)), saved
 
@@ -263,11 +264,11 @@ def chunk_delta_bwd(saved, dY, dW_T):
     kern = _kernels(xp, kernels, Kc.dtype, d_v, d_k, C)
     incl, strict = _masks(xp, C)
     gam, lam, gamC, D = _decays(xp, kern, ac, incl)
-    KK = xp.matmul(Kc, _swap(Kc))
-    QK = xp.matmul(Qc, _swap(Kc))
-    KS = xp.matmul(Kc, _swap(S))                              # K Sᵀ      (Bn, N, C, d_v)
+    KK = mm(Kc, _swap(Kc))
+    QK = mm(Qc, _swap(Kc))
+    KS = mm(Kc, _swap(S))                              # K Sᵀ      (Bn, N, C, d_v)
     bg = bc * gam
-    U = xp.matmul(Tinv, _axpby(kern, cc[..., None], Vc, -bg[..., None], KS))   # 𝒯 R
+    U = mm(Tinv, _axpby(kern, cc[..., None], Vc, -bg[..., None], KS))   # 𝒯 R
 
     if dY is None:
         dYc = xp.zeros_like(Vc)
@@ -284,9 +285,9 @@ def chunk_delta_bwd(saved, dY, dW_T):
 
     # ---- all chunks at once: the parts of dR and dS that do not depend on the carried dS
     TinvT = _swap(Tinv)
-    X1 = xp.matmul(TinvT, xp.matmul(_swap(D * QK), dYc))     # 𝒯ᵀ Pᵀ dY
-    X2 = xp.matmul(TinvT * lam[..., None, :], Kc)            # 𝒯ᵀ diag(λ) K
-    H = xp.matmul(_swap(dYc), gam[..., None] * Qc)           # dYᵀ diag(γ) Q
+    X1 = mm(TinvT, mm(_swap(D * QK), dYc))     # 𝒯ᵀ Pᵀ dY
+    X2 = mm(TinvT * lam[..., None, :], Kc)            # 𝒯ᵀ diag(λ) K
+    H = mm(_swap(dYc), gam[..., None] * Qc)           # dYᵀ diag(γ) Q
     G = bg[..., None] * Kc                                    # diag(bγ) K
     # ---- sequential, last chunk first: dSp[n] = gradient at the end of chunk n, dR[n]
     scan = kern.state_scan if kern else state_scan
@@ -294,26 +295,26 @@ def chunk_delta_bwd(saved, dY, dW_T):
     del X1, X2, H, G
 
     # ---- all chunks at once again
-    dPD, M, E, F = _bwd_pairs(xp, kern, xp.matmul(dYc, _swap(U)), xp.matmul(dR, _swap(U)), QK, KK, D, bc,
+    dPD, M, E, F = _bwd_pairs(xp, kern, mm(dYc, _swap(U)), mm(dR, _swap(U)), QK, KK, D, bc,
                               strict)
     del KK
-    UdS = xp.matmul(U, dSp)                                   # row i: (dS'ᵀ u_i)ᵀ
-    dQ = _axpby(kern, one, xp.matmul(dPD, Kc), gam[..., None], xp.matmul(dYc, S))
-    dK = xp.matmul(_swap(dPD), Qc)
-    dK += xp.matmul(M + _swap(M), Kc)                         # K Kᵀ enters A twice
-    dK += _axpby(kern, lam[..., None], UdS, -bg[..., None], xp.matmul(dR, S))
+    UdS = mm(U, dSp)                                   # row i: (dS'ᵀ u_i)ᵀ
+    dQ = _axpby(kern, one, mm(dPD, Kc), gam[..., None], mm(dYc, S))
+    dK = mm(_swap(dPD), Qc)
+    dK += mm(M + _swap(M), Kc)                         # K Kᵀ enters A twice
+    dK += _axpby(kern, lam[..., None], UdS, -bg[..., None], mm(dR, S))
     del dPD, M
     dV = cc[..., None] * dR
     dc = _rowdot(kern, dR, Vc)
     rho = -_rowdot(kern, dR, KS)                              # cotangent of b ⊙ γ
     db = gam * rho + F.sum(axis=-1)
-    dgam = _rowdot(kern, dYc, xp.matmul(Qc, _swap(S))) + bc * rho
+    dgam = _rowdot(kern, dYc, mm(Qc, _swap(S))) + bc * rho
     dlam = _rowdot(kern, UdS, Kc)
     # d log α_j collects only the decays that contain α_j, so nothing large cancels (α_j = 1e-6 in
     # float32 stays accurate): pairs i < j ≤ t of E, γ_t for t ≥ j, λ_i for i < j, and γ_C.
     # (prefix sums are exclusive by construction, never inclusive − self, which would cancel again;
     # Σ_{i<j} E_ti is the matmul E · strict_upper_ones)
-    cross = _rowdot(kern, xp.matmul(E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
+    cross = _rowdot(kern, mm(E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
     dlog = (cross + xp.flip(xp.cumsum(xp.flip(dgam * gam, axis=-1), axis=-1), axis=-1)
             + _exclusive_cumsum(xp, dlam * lam)
             + (gamC * _rowdot(kern, dSp.reshape(Bn, N, -1), S.reshape(Bn, N, -1)))[..., None])
