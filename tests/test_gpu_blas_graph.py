@@ -147,3 +147,31 @@ def test_scan_with_many_chunks_is_captured_and_replayed():
             cupy.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10 * float(np.abs(b).max()))
     assert graph.memory_bytes() > 0
     graph.clear()
+
+
+def test_scan_inside_the_callers_own_capture():
+    """A caller that records its own CUDA graph around the scan (after a warm-up on its stream)
+    gets the scan's kernels recorded into that graph, not a nested capture."""
+    import cupy
+    import mirascore as mc
+    from mirascore.chunk.anchored import anchored_scan_fwd
+    rule = mc.presets.ttt_mlp(4)
+    rng = np.random.default_rng(5)
+    K, V, Q = (rng.standard_normal((2, 12, 4)) for _ in range(3))
+    lr, alpha = np.full((2, 12), 0.1), np.full((2, 12), 0.9)
+    params = rule.memory.init(0, batch_shape=(2,), dtype=np.float64)
+
+    def run(xp):
+        state = mc.init(rule.memory, tuple(map(xp.asarray, params)), retention=rule.retention,
+                        algorithm=rule.algorithm)
+        return anchored_scan_fwd(state, *map(xp.asarray, (K, V, Q)), bias=rule.bias,
+                                 lr=xp.asarray(lr), alpha=xp.asarray(alpha), chunk=5)[0]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        run(cupy)                                   # warm-up: kernels compiled, cuBLAS handle made
+        stream.begin_capture()
+        Y = run(cupy)
+        captured = stream.end_capture()
+        captured.launch()
+        stream.synchronize()
+    cupy.testing.assert_allclose(Y, run(np), rtol=1e-9, atol=1e-12)

@@ -12,7 +12,8 @@ captured). Per signature — `key`, the structure, and every array's shape and d
 - the second call captures `fn` on a private stream into a graph whose intermediates live in a
   private memory pool, then replays it;
 - every later call copies the inputs into the graph's input buffers, launches the graph on the
-  current stream and returns copies of its outputs (the next replay overwrites the buffers).
+  current stream and returns copies of its outputs (the next replay overwrites the buffers);
+- inside a capture of the caller's own, `fn` simply runs (and is recorded into that capture).
 
 At most `MAX_GRAPHS` graphs are kept (least recently used first out); `clear()` frees them and
 `enabled = False` (or MIRASCORE_CUDA_GRAPHS=0 in the environment) turns replay off.
@@ -42,10 +43,10 @@ class _Graph(NamedTuple):
 
 def call(fn, args, key):
     """fn(*args), replayed from a CUDA graph once this signature has been seen before."""
-    if not enabled:
-        return fn(*args)
-    leaves = tree_leaves(args)
     import cupy
+    if not enabled or cupy.cuda.get_current_stream().is_capturing():
+        return fn(*args)                   # inside the caller's own capture: just record the work
+    leaves = tree_leaves(args)
     sig = (key, cupy.cuda.Device().id, _structure(args)) + tuple(None if x is None else (x.shape, x.dtype.str)
                                          for x in leaves)
     entry = _graphs.get(sig)
