@@ -161,17 +161,20 @@ def test_scan_inside_the_callers_own_capture():
     lr, alpha = np.full((2, 12), 0.1), np.full((2, 12), 0.9)
     params = rule.memory.init(0, batch_shape=(2,), dtype=np.float64)
 
-    def run(xp):
+    def inputs(xp):             # made outside the capture: no host copies or checks inside it
         state = mc.init(rule.memory, tuple(map(xp.asarray, params)), retention=rule.retention,
                         algorithm=rule.algorithm)
-        return anchored_scan_fwd(state, *map(xp.asarray, (K, V, Q)), bias=rule.bias,
-                                 lr=xp.asarray(lr), alpha=xp.asarray(alpha), chunk=5)[0]
+        return state, *map(xp.asarray, (K, V, Q, lr, alpha))
+
+    def run(state, K, V, Q, lr, alpha):
+        return anchored_scan_fwd(state, K, V, Q, bias=rule.bias, lr=lr, alpha=alpha, chunk=5)[0]
+    on_gpu = inputs(cupy)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        run(cupy)                                   # warm-up: kernels compiled, cuBLAS handle made
+        run(*on_gpu)                                # warm-up: kernels compiled, cuBLAS handle made
         stream.begin_capture()
-        Y = run(cupy)
+        Y = run(*on_gpu)
         captured = stream.end_capture()
         captured.launch()
         stream.synchronize()
-    cupy.testing.assert_allclose(Y, run(np), rtol=1e-9, atol=1e-12)
+    cupy.testing.assert_allclose(Y, run(*inputs(np)), rtol=1e-9, atol=1e-12)
