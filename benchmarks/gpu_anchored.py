@@ -12,8 +12,10 @@ with --cpu), for each rule of --rules at K, V, Q (B, H, T, d), memory params (B,
   fwd       mc.scan(state, K, V, Q, bias=rule.bias, lr=, alpha=[, delta=][, beta=], chunk=C)
   fwd+bwd   ad.vjp of the same, then vjp_fn(dY) with a random dY: gradients w.r.t. the initial
             params, K, V, Q and every gate
-Rows: ours fp32 (cuBLAS fp32); ours tf32 (CUPY_TF32=1 and the cuBLAS handle's TF32 math mode, in a
-child process because CuPy reads the variable on import; skip with --no-tf32); with --with-titans,
+Rows: ours fp32 (cuBLAS fp32; CUDA graph replay from the third call on, so the warm-up covers the
+eager call and the capture; --eager turns replay off); ours tf32 (TF32 math mode on mirascore's and
+CuPy's cuBLAS handles, CUPY_TF32=1, in a child process because CuPy reads the variable on import;
+skip with --no-tf32); with --with-titans,
 titans-pytorch NeuralMemory fp32 and bf16 (fwd+bwd exactly as ../shared/anchors/anchors_gpu.py
 times it, plus a forward under torch.no_grad()), dim = H·d as H heads of d, chunk C, depth 2,
 expansion 4, same B and T; its time includes its own q/k/v/gate projections.

@@ -5,8 +5,9 @@
 
 Rows (median of --iters runs after --warmup, CUDA events):
   ours fp32   forward, forward+backward      float32 everywhere (cuBLAS fp32, fp32 RawKernels)
-  ours tf32   forward, forward+backward      same, CUPY_TF32=1 (cuBLAS TF32 tensor cores), run in a
-                                             child process because CuPy reads the variable on import
+  ours tf32   forward, forward+backward      same, TF32 math mode on mirascore's and CuPy's cuBLAS
+                                             handles and CUPY_TF32=1, run in a child process because
+                                             CuPy reads the variable on import
   fla bf16    forward, forward+backward      fla.ops.gated_delta_rule.chunk_gated_delta_rule (with
                                              --with-fla; same inputs, same process as ours fp32)
 Per row: ms, Mtok/s, peak memory (GiB: ours, the pool's peak beyond what was allocated before the
