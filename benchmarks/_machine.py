@@ -1,6 +1,11 @@
-"""What the benchmarks share: the CPU model they print, and the TF32 switch of the GPU ones."""
+"""What the benchmarks share: the CPU model they print; the GPU ones' matmul ceilings and TF32 switch."""
 import platform
 from pathlib import Path
+
+
+# matmul ceilings measured on the H200 (../shared/anchors/README.md): fp32 cuBLAS, batched fp32
+# 64×128×64, bf16 tensor cores; FLOP/s
+CEIL = {"fp32": 51e12, "fp32_batched": 25e12, "bf16": 745e12}
 
 
 def cpu_model():

@@ -34,9 +34,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import enable_tf32  # noqa: E402
+from _machine import CEIL, enable_tf32  # noqa: E402
 
-CEIL = {"fp32": 51e12, "fp32_batched": 25e12, "bf16": 745e12}
 ROWS = []
 JSON = {"path": None, "extra": {}}
 

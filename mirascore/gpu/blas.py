@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-_WORKSPACE_BYTES = 32 << 20           # cuBLAS's recommendation for Hopper
+WORKSPACE_BYTES = 32 << 20            # cuBLAS's recommendation for Hopper
 _OP_N, _OP_T = 0, 1
 _DEFAULT_MATH, _TF32_MATH = 0, 3
 _lib = None
@@ -67,8 +67,8 @@ def _handle():
         handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         _check(lib.cublasSetStream_v2(handle, stream.ptr), "cublasSetStream")
-        workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
-        _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, _WORKSPACE_BYTES),
+        workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
+        _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, WORKSPACE_BYTES),
                "cublasSetWorkspace")
         _check(lib.cublasSetMathMode(handle, _TF32_MATH if _tf32 else _DEFAULT_MATH),
                "cublasSetMathMode")
@@ -76,9 +76,14 @@ def _handle():
     return entry[0]
 
 
-def prepare():
-    """Create the current stream's handle now (a capture must not create one)."""
-    _handle()
+def prepare(workspace=None):
+    """Create the current stream's handle now (a capture must not create one); with `workspace`
+    (a CuPy uint8 buffer the caller keeps alive), make it the handle's workspace, so that each
+    recorded graph owns the workspace its GEMMs use."""
+    handle = _handle()
+    if workspace is not None:
+        _check(_library().cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes),
+               "cublasSetWorkspace")
 
 
 def set_tf32(enabled):

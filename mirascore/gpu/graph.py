@@ -38,7 +38,7 @@ class _Graph(NamedTuple):
     inputs: list          # the graph's input buffers, one per leaf of args (None where None)
     outputs: object       # the graph's output buffers, in fn's output structure
     pool: object          # the private memory pool holding every intermediate
-    stream: object        # the stream it was captured on
+    workspace: object     # the cuBLAS workspace its GEMMs use
 
 
 def call(fn, args, key):
@@ -87,10 +87,11 @@ def _capture(fn, args, leaves):
     import cupy
     from cupy.cuda import runtime
     pool = cupy.cuda.MemoryPool()
-    stream = cupy.cuda.Stream(non_blocking=True)
+    stream = _capture_stream()
     stream.wait_event(cupy.cuda.get_current_stream().record())
     with cupy.cuda.using_allocator(pool.malloc), stream:
-        blas.prepare()
+        workspace = cupy.empty(blas.WORKSPACE_BYTES, dtype=cupy.uint8)
+        blas.prepare(workspace)
         inputs = [None if x is None else x.copy() for x in leaves]
         it = iter(inputs)
         static_args = tree_map(lambda _: next(it), args)
@@ -112,7 +113,20 @@ def _capture(fn, args, leaves):
             return _EAGER
     graph.upload(stream)
     stream.synchronize()
-    return _Graph(graph, inputs, outputs, pool, stream)
+    return _Graph(graph, inputs, outputs, pool, workspace)
+
+
+_streams = {}
+
+
+def _capture_stream():
+    """The one stream per device that every capture records on (one cuBLAS handle for all of
+    them; each graph brings its own workspace)."""
+    import cupy
+    device = cupy.cuda.Device().id
+    if device not in _streams:
+        _streams[device] = cupy.cuda.Stream(non_blocking=True)
+    return _streams[device]
 
 
 def clear():
