@@ -30,7 +30,7 @@ import mirascore.autodiff as ad
 
 from .._xp import matmul as mm
 from .._xp import namespace
-from ..autodiff.core import tree_leaves, tree_map
+from ..autodiff.core import tree_leaves
 from ..autodiff.numpy import unbroadcast
 from . import second_order as so
 
@@ -122,23 +122,22 @@ def anchored_scan_fwd(state, K, V, Q, *, bias, lr, alpha=1.0, delta=None, beta=N
 
 def _forward(rule, params, momentum, tokens):
     """The chunk loop: (Y, final params, final momentum, each chunk's starting params and
-    momentum stacked along a chunk axis before the matrix axes, (..., n_chunks, m, n)). Results
-    are written into preallocated arrays: CuPy's concatenate of many pieces copies pointers from
-    the host, which a CUDA graph cannot capture."""
+    momentum stacked along a new leading axis). Results are written into preallocated arrays:
+    CuPy's concatenate of many pieces copies pointers from the host, which a CUDA graph cannot
+    capture."""
     xp, T = namespace(*params, tokens.K), tokens.K.shape[-2]
     bounds = _bounds(T, rule.chunk)
     Y = xp.empty(tokens.K.shape[:-2] + (T, rule.memory.d_out), dtype=tokens.K.dtype)
 
     def stack(states):
         return None if states is None or not bounds else \
-            tuple(xp.empty(x.shape[:-2] + (len(bounds),) + x.shape[-2:], dtype=x.dtype)
-                  for x in states)
+            tuple(xp.empty((len(bounds),) + x.shape, dtype=x.dtype) for x in states)
     s, S = params, momentum
     s_in, S_in = stack(s), stack(S)
     for c, (start, stop) in enumerate(bounds):
         for into, state in ((s_in, s), (S_in, S)):
             for buffer, x in zip(into or (), state or ()):
-                buffer[..., c, :, :] = x
+                buffer[c] = x
         Yc, s, S, _ = _chunk_forward(rule, s, S, tokens.window(start, stop))
         Y[..., start:stop, :] = Yc
     return Y, tuple(s), None if S is None else tuple(S), s_in, S_in
@@ -583,7 +582,7 @@ def anchored_scan_bwd(saved, dY, dfinal=None):
     if saved.s_in is None:                       # T = 0
         return _grads(saved, xp, None, None, None, dparams, dmom)
     # the final state's cotangents, full (broadcast) shape; the stored quantity keeps its shape
-    like = [x[..., 0, :, :] for x in saved.s_in]
+    like = [x[0] for x in saved.s_in]
     ds = tuple(_zeros_or(xp, d, x) for d, x in zip(dparams or (None,) * len(like), like))
     dS = tuple(_zeros_or(xp, d, x) for d, x in zip(dmom or (None,) * len(like), like)) \
         if rule.momentum else None
@@ -594,20 +593,13 @@ def anchored_scan_bwd(saved, dY, dfinal=None):
 
 def _backward(rule, tok, s_in, S_in, dY, ds, dS):
     """The chunk loop in reverse: (ds, dS at the scan's start, token gradients as a _Tokens of
-    full-length arrays, None where the input was None). Only the cotangent's path through the
-    anchors is sequential: every full chunk's forward is recomputed at once, from the saved
-    anchors, before the loop (one batch of large kernels instead of a chunk of small ones each)."""
+    full-length arrays, None where the input was None)."""
     xp = namespace(tok.K)
-    T, b = tok.K.shape[-2], rule.chunk
-    batched, n_full = _recompute_full_chunks(rule, tok, s_in, S_in), T // b
     grads = dict.fromkeys(_Tokens._fields)          # full-length arrays, filled chunk by chunk
-    for c, (start, stop) in reversed(list(enumerate(_bounds(T, b)))):
+    for c, (start, stop) in reversed(list(enumerate(_bounds(tok.K.shape[-2], rule.chunk)))):
         window = tok.window(start, stop)
-        if c < n_full:
-            cache = _chunk_of(batched, c, tok.lr.ndim - 1)
-        else:                                       # the short last chunk
-            _, _, _, cache = _chunk_forward(rule, _chunk_of(s_in, c, -3),
-                                            _chunk_of(S_in, c, -3), window)
+        _, _, _, cache = _chunk_forward(rule, tuple(x[c] for x in s_in),
+                                        None if S_in is None else tuple(x[c] for x in S_in), window)
         dYc = xp.zeros(window.Q.shape[:-1] + (rule.memory.d_out,), dtype=tok.K.dtype) \
             if dY is None else dY[..., start:stop, :]
         ds, dS, dtok = _chunk_backward(rule, cache, window, dYc, ds, dS)
@@ -620,39 +612,6 @@ def _backward(rule, tok, s_in, S_in, dY, ds, dS):
             grads[name][cut] = g
     dtok = _Tokens(**grads)
     return tuple(ds), None if dS is None else tuple(dS), dtok
-
-
-def _recompute_full_chunks(rule, tok, s_in, S_in):
-    """_chunk_forward's cache for all full chunks at once: chunks become a batch axis just before
-    each array's own axes, (..., n_full, ...)."""
-    T, b = tok.K.shape[-2], rule.chunk
-    n_full = T // b
-    if n_full == 0:
-        return None
-    batch = tok.lr.shape[:-1]
-    t = len(batch)                                   # the time axis of every token array
-
-    def chunked(x):
-        return None if x is None else x[(slice(None),) * t + (slice(0, n_full * b),)].reshape(
-            batch + (n_full, b) + x.shape[t + 1:])
-    window = _Tokens(*(chunked(x) for x in tok))
-    full = (Ellipsis, slice(0, n_full), slice(None), slice(None))
-    return _chunk_forward(rule, tuple(x[full] for x in s_in),
-                          None if S_in is None else tuple(x[full] for x in S_in), window)[3]
-
-
-def _chunk_of(tree, c, axis):
-    """Chunk c of every array in tree along `axis` (a non-negative position counts from the
-    front, a negative one from the back); other leaves pass through."""
-    if tree is None:
-        return None
-
-    def pick(a):
-        if not hasattr(a, "ndim"):
-            return a
-        k = axis if axis >= 0 else a.ndim + axis
-        return a[(slice(None),) * k + (c,)]
-    return tree_map(pick, tree)
 
 
 def _zeros_or(xp, d, like):
