@@ -21,6 +21,9 @@
 #ifndef BV
 #define BV 32
 #endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1              // state_scan blocks resident per SM that the register budget must allow
+#endif
 
 #define NT 256                    // threads per block in state_scan
 #define MAXC 64                   // largest chunk
@@ -62,7 +65,7 @@ extern "C" __global__ void unit_lower_inverse(const REAL* __restrict__ A, REAL* 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(NT, MIN_BLOCKS)
 state_scan(const REAL* __restrict__ A, const REAL* __restrict__ P, const REAL* __restrict__ Qm,
            const REAL* __restrict__ decay, const REAL* __restrict__ X0, const REAL* __restrict__ H,
            REAL* __restrict__ Xs, REAL* __restrict__ O, REAL* __restrict__ Xout,

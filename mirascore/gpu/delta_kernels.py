@@ -27,6 +27,9 @@ import numpy as np
 _SOURCE_PATH = os.path.join(os.path.dirname(__file__), "delta_kernels.cu")
 _MAX_C, _MAX_K, _NT = 64, 128, 256
 _BV = {np.dtype(np.float32): 32, np.dtype(np.float64): 16}
+# state_scan is latency-bound: two resident blocks per SM (registers capped at 128 per thread)
+# run it in 2.5 ms instead of 3.9 at B·H = 128, 64 chunks of 64, d = 128 (H200, float32)
+_MIN_BLOCKS = {np.dtype(np.float32): 2, np.dtype(np.float64): 1}
 _REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _modules = {}
 
@@ -47,7 +50,8 @@ def _function(name, dtype):
     if mod is None:
         with open(_SOURCE_PATH) as f:
             code = f.read()
-        mod = cupy.RawModule(code=code, options=(f"-DREAL={_REAL[dtype]}", f"-DBV={_BV[dtype]}"))
+        mod = cupy.RawModule(code=code, options=(f"-DREAL={_REAL[dtype]}", f"-DBV={_BV[dtype]}",
+                                                 f"-DMIN_BLOCKS={_MIN_BLOCKS[dtype]}"))
         _modules[dtype] = mod
     return mod.get_function(name)
 
