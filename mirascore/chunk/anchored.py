@@ -20,7 +20,9 @@ docs/derivations/scan-backward.md (backward).
                                           memory=..., bias=..., retention=..., algorithm=..., chunk=64)
 
 The last one is a single `mirascore.autodiff` primitive whose VJP is `anchored_scan_bwd`. Arrays are
-numpy or CuPy (cupy.matmul is cuBLAS); the compute dtype is the inputs' floating dtype.
+numpy or CuPy; the compute dtype is the inputs' floating dtype. On CuPy the products go through
+`mirascore.gpu.blas`, the chunk loops are replayed as CUDA graphs (`mirascore.gpu.graph`) and the
+elementwise chains of second_order.py run as `mirascore.gpu.fused` kernels (docs/internals.md).
 """
 from typing import NamedTuple
 
