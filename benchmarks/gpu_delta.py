@@ -179,14 +179,19 @@ def bench_ours(args, mode, pool, x, ref):
                     row["err"][nm] = rel_rms(g, w)
             del out
             ms = time_ms(fn, args.warmup, args.iters)
-            row.update(ms=ms, mtok_s=B * T / ms / 1e3, gflop=fl / 1e9, tflop_s=fl / ms / 1e9)
-            row["frac"] = {k: fl / (ms * 1e-3) / v for k, v in CEIL.items()}
+            add_speed(row, ms, fl, B * T)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"[:200]
             traceback.print_exc()
         ROWS.append(row)
         print_row(row)
         save_json()
+
+
+def add_speed(row, ms, fl, tokens):
+    """Time, throughput, FLOP rate and the fraction of each ceiling, into row."""
+    row.update(ms=ms, mtok_s=tokens / ms / 1e3, gflop=fl / 1e9, tflop_s=fl / ms / 1e9)
+    row["frac"] = {k: fl / (ms * 1e-3) / v for k, v in CEIL.items()}
 
 
 def bench_fla(args, x, ref):
@@ -250,8 +255,7 @@ def bench_fla(args, x, ref):
                 e.record()
             torch.cuda.synchronize()
             ms = float(np.median([s.elapsed_time(e) for s, e in zip(starts, ends)]))
-            row.update(ms=ms, mtok_s=B * T / ms / 1e3, gflop=fl / 1e9, tflop_s=fl / ms / 1e9)
-            row["frac"] = {k: fl / (ms * 1e-3) / v for k, v in CEIL.items()}
+            add_speed(row, ms, fl, B * T)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"[:200]
             traceback.print_exc()
