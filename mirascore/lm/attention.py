@@ -69,9 +69,7 @@ def _blocks(T, block):
 
 def _causal_bias(xp, n, dtype):
     """(n, n) additive mask of a diagonal block: 0 on and below the diagonal, −inf above."""
-    bias = xp.zeros((n, n), dtype=dtype)
-    bias[xp.triu_indices(n, 1)] = -xp.inf
-    return bias
+    return xp.where(xp.tri(n, dtype=bool), 0.0, -math.inf).astype(dtype)
 
 
 def _scores(q_scaled, k_block):
