@@ -1,0 +1,216 @@
+"""The training loop (DESIGN §7.3; docs/training.md, "Training recipe", "Resume", "Metrics").
+
+    result = run(cfg, "runs/moneta-tiny")                  # trains cfg.steps steps, checkpoints, evaluates
+    result = run(cfg, "runs/moneta-tiny", resume=True)     # continues from the last checkpoint
+    [row["loss"] for row in result.metrics]                # what this session logged
+
+A step: `accumulate` micro-batches through `ad.value_and_grad(lm.loss)`, their gradients averaged,
+clipped to a global norm of cfg.clip, then one AdamW step at learning_rate(step). Every array stays
+on the device; the host waits for it only at log, eval and checkpoint steps. The data order, the
+initialisation and the optimizer are pure functions of (cfg, step), and the checkpoint holds all
+the rest (params, moments, the running loss sum of the current log window), so a resumed run
+computes bit for bit what an uninterrupted one computes.
+"""
+import dataclasses
+import hashlib
+import importlib.metadata
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+import mirascore.autodiff as ad
+from mirascore._xp import namespace
+
+from . import checkpoint, data, device, rundir
+from . import model as lm_model
+from .config import replace
+from .evaluate import bits_per_byte, mean_loss
+from .optim import adamw_init, adamw_update, clip_by_global_norm, learning_rate
+
+TIMING_FIELDS = ("tokens_per_s", "elapsed_s")     # the metrics that differ between identical runs
+OUTPUTS = ("bar", "log", "silent")
+
+
+class Window(NamedTuple):
+    """The steps since the last metrics line: their loss sum (a 0-d device array) and count."""
+    loss_sum: object
+    steps: int
+
+
+class TrainResult(NamedTuple):
+    params: dict
+    opt: object          # AdamState
+    step: int            # optimizer steps done
+    metrics: list        # the metrics rows this session wrote
+    val_bpb: float       # the last validation bits per byte of the run (None before the first eval)
+    tokens: int          # predicted tokens trained on, over the whole run
+    elapsed_s: float     # wall time over the whole run
+    run_dir: Path
+
+
+def version():
+    try:
+        return importlib.metadata.version("mirascore")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def config_hash(cfg):
+    return hashlib.sha256(cfg.to_toml().encode()).hexdigest()
+
+
+def train_step(params, opt, tokens, lr, cfg):
+    """One optimizer step on a host int batch (batch, context + 1): (params, opt, loss, grad_norm),
+    loss = the batch's mean loss and grad_norm = the norm before clipping, both 0-d device arrays."""
+    xp = namespace(*params.values())
+    loss_and_grad = ad.value_and_grad(lm_model.loss)
+    loss, grads = None, None
+    for micro in data.micro_batches(tokens, cfg.accumulate):
+        micro_loss, micro_grads = loss_and_grad(params, xp.asarray(micro), cfg)
+        if grads is None:
+            loss, grads = micro_loss, micro_grads
+        else:
+            loss = loss + micro_loss
+            grads = {name: grads[name] + g for name, g in micro_grads.items()}
+    if cfg.accumulate > 1:
+        loss = loss / cfg.accumulate
+        grads = {name: g / cfg.accumulate for name, g in grads.items()}
+    grads, norm = clip_by_global_norm(grads, cfg.clip)
+    params, opt = adamw_update(params, grads, opt, lr, cfg, lm_model.decays)
+    return params, opt, loss, norm
+
+
+def _run_info(cfg, corpus, xp):
+    return {"config": dataclasses.asdict(cfg), "parameters": lm_model.param_count(cfg),
+            "parameters_without_embedding": lm_model.param_count(cfg, embeddings=False),
+            "flops_per_token": lm_model.flops_per_token(cfg), "device": device.describe(xp),
+            "data": corpus.source, "split": corpus.split, "train_bytes": len(corpus.train),
+            "validation_bytes": len(corpus.validation), "version": version(),
+            "python": sys.version.split()[0], "numpy": np.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _check_resumable(run_dir, cfg, corpus):
+    """ValueError unless run_dir holds a checkpoint of this very config and data."""
+    if not Path(run_dir).is_dir():
+        raise ValueError(f"--resume: run directory {str(run_dir)!r} does not exist")
+    saved = rundir.read_config(run_dir)
+    changed = [f"{f.name} ({getattr(saved, f.name)!r} in the run, {getattr(cfg, f.name)!r} now)"
+               for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise ValueError(f"--resume: the config differs from the run's in {'; '.join(changed)}; "
+                         f"resume with the run's arguments or start a new --out")
+    saved_data = rundir.read_info(run_dir).get("data")
+    if saved_data != corpus.source:
+        raise ValueError(f"--resume: the run trained on {saved_data!r}, not {corpus.source!r}")
+    if not checkpoint.exists(run_dir):
+        raise ValueError(f"--resume: no checkpoint in {str(run_dir)!r} to resume from")
+
+
+def _checkpoint_state(cfg, step, window, elapsed):
+    return {"step": step, "tokens": step * cfg.batch * cfg.context, "seed": cfg.seed,
+            "data": {"seed": cfg.seed, "next_step": step,
+                     "order": "window starts of step s from numpy default_rng([seed, 0, s])"},
+            "rng": "none carried: initialisation and data order are seeded by (seed, step)",
+            "window": {"loss_sum": float(window.loss_sum), "steps": window.steps},
+            "elapsed_s": elapsed, "config_hash": config_hash(cfg), "version": version()}
+
+
+def _progress(output, cfg, start):
+    if output == "bar":
+        from tqdm.auto import tqdm
+        return tqdm(total=cfg.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True)
+    return None
+
+
+def _log_line(row, cfg):
+    text = (f"step {row['step']}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.3g} | "
+            f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s")
+    return text + (f" | val bpb {row['val_bpb']:.4f}" if "val_bpb" in row else "")
+
+
+def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=False, stop_at=None,
+        output="silent"):
+    """Train cfg (with steps=N: cfg.steps = N) into run directory out_dir; see the module docstring.
+
+    data_path: None (the embedded corpus), a text file or a folder (data.load_corpus).
+    stop_at: end this session after that step, with a checkpoint, as if killed right after it
+    (a later run(..., resume=True) finishes the run). output: "bar" (tqdm on stderr), "log" (a
+    line per metrics row on stdout) or "silent". Returns a TrainResult."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    xp = device.array_module(device_name)
+    if cfg.tf32 and xp is not np:
+        device.enable_tf32()
+    corpus = data.load_corpus(data_path)
+    run_dir = Path(out_dir)
+    if resume:
+        _check_resumable(run_dir, cfg, corpus)
+        checkpoint.recover(run_dir)
+        params, opt, state = checkpoint.load(run_dir, xp)
+        if state["config_hash"] != config_hash(cfg):
+            raise ValueError(f"--resume: the checkpoint in {str(run_dir)!r} belongs to another config")
+        step, elapsed_before = state["step"], state["elapsed_s"]
+        window = Window(xp.asarray(state["window"]["loss_sum"], dtype=cfg.dtype), state["window"]["steps"])
+        rundir.truncate_metrics(run_dir, step)
+    else:
+        rundir.create(run_dir, cfg, _run_info(cfg, corpus, xp))
+        params = lm_model.init(cfg, seed=cfg.seed, xp=xp)
+        opt = adamw_init(params)
+        step, elapsed_before = 0, 0.0
+        window = Window(xp.zeros((), dtype=cfg.dtype), 0)
+
+    validation = data.validation_batches(corpus.validation, cfg.seed, cfg.eval_batches, cfg.batch, cfg.context)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    session_start = window_start = time.perf_counter()
+    rows = []
+    bar = _progress(output, cfg, step)
+    try:
+        for s in range(step, end):
+            tokens = data.train_batch(corpus.train, s, cfg.seed, cfg.batch, cfg.context)
+            params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg)
+            window = Window(window.loss_sum + loss, window.steps + 1)
+            done = s + 1
+            evaluating = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
+            if done % cfg.log_every == 0 or evaluating:
+                row = {"step": done, "tokens": done * cfg.batch * cfg.context,
+                       "loss": float(window.loss_sum) / window.steps, "lr": learning_rate(s, cfg),
+                       "grad_norm": float(norm)}
+                seconds = time.perf_counter() - window_start     # after float(): the device is done
+                row["tokens_per_s"] = window.steps * cfg.batch * cfg.context / max(seconds, 1e-9)
+                if evaluating:
+                    row["val_bpb"] = bits_per_byte(mean_loss(params, cfg, validation))
+                row["elapsed_s"] = elapsed_before + time.perf_counter() - session_start
+                rundir.append_metrics(run_dir, row)
+                rows.append(row)
+                _report(bar, output, row, cfg)
+                window = Window(xp.zeros((), dtype=cfg.dtype), 0)
+                window_start = time.perf_counter()              # the eval is not training time
+            if done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                saving = time.perf_counter()
+                checkpoint.save(run_dir, params, opt, _checkpoint_state(
+                    cfg, done, window, elapsed_before + saving - session_start))
+                window_start += time.perf_counter() - saving     # nor is saving
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    step = max(step, end)
+    val = [row["val_bpb"] for row in rundir.read_metrics(run_dir) if "val_bpb" in row]
+    return TrainResult(params, opt, step, rows, val[-1] if val else None, step * cfg.batch * cfg.context,
+                       elapsed_before + time.perf_counter() - session_start, run_dir)
+
+
+def _report(bar, output, row, cfg):
+    if output == "log":
+        print(_log_line(row, cfg), flush=True)
+    elif bar is not None:
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+        if "val_bpb" in row:
+            bar.write(f"step {row['step']}: val bpb {row['val_bpb']:.4f}", file=sys.stderr)
