@@ -149,11 +149,13 @@ def _tokens(name, tokens, cfg, ndim):
 
 def flops_per_token(cfg):
     """Training FLOPs per token (forward + backward), the MFU convention of docs/training.md:
-    6·N over the parameters used in matrix products (N without the embedding lookup, with the
-    output projection) plus the mixer's sequence term: causal attention 6·depth·context·width;
+    6·N over the projection matrices (every ".weight" but the embedding lookup, plus the output
+    projection, tied or not) and the mixer's sequence term: causal attention 6·depth·context·width;
     a Miras memory 6·depth·heads·(3 passes × 2·|W| per token), an estimate of its work at the
     anchor (forward, gradient) and its read."""
-    n = param_count(cfg, embeddings=False) + (cfg.vocab * cfg.width if cfg.tie_embeddings else 0)
+    specs = param_specs(cfg)
+    n = sum(int(np.prod(s.shape)) for name, s in specs.items()
+            if decays(name) and name not in ("embed.weight", "head.weight")) + cfg.vocab * cfg.width
     if cfg.is_transformer:
         seq = 6 * cfg.depth * cfg.context * cfg.width
     else:
