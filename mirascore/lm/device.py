@@ -1,4 +1,6 @@
 """Where the trainer's arrays live: numpy on the CPU, CuPy on the GPU (`--device cpu|gpu`)."""
+import contextlib
+
 import numpy as np
 
 DEVICES = ("cpu", "gpu")
@@ -23,17 +25,28 @@ def array_module(device):
     return cupy
 
 
-def enable_tf32():
-    """TF32 tensor cores for float32 matrix products (DESIGN §5): the math mode of mirascore's own
-    cuBLAS handles (mirascore.gpu.blas, used by the scans and autodiff's matmul on CuPy) and of
-    CuPy's handle (the CUPY_TF32 variable alone does not reach batched strided calls)."""
+@contextlib.contextmanager
+def tf32(enabled):
+    """Within the block, float32 matrix products on the GPU may use TF32 tensor cores (DESIGN §5):
+    the math mode of mirascore's own cuBLAS handles (mirascore.gpu.blas, used by the scans and by
+    autodiff's matmul on CuPy) and of CuPy's handle (the CUPY_TF32 variable alone does not reach
+    batched strided calls). Both modes are restored on exit. enabled=False does nothing."""
+    if not enabled:
+        yield
+        return
     import cupy
     from cupy_backends.cuda.libs import cublas
 
     from mirascore.gpu import blas
-    blas.set_tf32(True)
-    cublas.setMathMode(cupy.cuda.device.get_cublas_handle(),
-                       getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
+    handle = cupy.cuda.device.get_cublas_handle()
+    cupy_mode = cublas.getMathMode(handle)
+    previous = blas.set_tf32(True)
+    cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
+    try:
+        yield
+    finally:
+        blas.set_tf32(previous)
+        cublas.setMathMode(handle, cupy_mode)
 
 
 def describe(xp):

@@ -145,36 +145,39 @@ def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=F
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     xp = device.array_module(device_name)
-    if cfg.tf32 and xp is not np:
-        device.enable_tf32()
-    corpus = data.load_corpus(data_path)
-    run_dir = Path(out_dir)
-    if resume:
-        _check_resumable(run_dir, cfg, corpus)
-        checkpoint.recover(run_dir)
-        params, opt, state = checkpoint.load(run_dir, xp)
-        if state["config_hash"] != config_hash(cfg):
-            raise ValueError(f"--resume: the checkpoint in {str(run_dir)!r} belongs to another config")
-        step, elapsed_before = state["step"], state["elapsed_s"]
-        window = Window(xp.asarray(state["window"]["loss_sum"], dtype=cfg.dtype), state["window"]["steps"])
-        rundir.truncate_metrics(run_dir, step)
-    else:
+    with device.tf32(cfg.tf32 and xp is not np):
+        return _run(cfg, Path(out_dir), data.load_corpus(data_path), xp, resume, stop_at, output)
+
+
+def _start(cfg, run_dir, corpus, xp, resume):
+    """(params, opt, step, elapsed_s, window): a fresh run's, or those of its last checkpoint."""
+    if not resume:
         rundir.create(run_dir, cfg, _run_info(cfg, corpus, xp))
         params = lm_model.init(cfg, seed=cfg.seed, xp=xp)
-        opt = adamw_init(params)
-        step, elapsed_before = 0, 0.0
-        window = Window(xp.zeros((), dtype=cfg.dtype), 0)
+        return params, adamw_init(params), 0, 0.0, Window(xp.zeros((), dtype=cfg.dtype), 0)
+    _check_resumable(run_dir, cfg, corpus)
+    checkpoint.recover(run_dir)
+    params, opt, state = checkpoint.load(run_dir, xp)
+    if state["config_hash"] != config_hash(cfg):
+        raise ValueError(f"--resume: the checkpoint in {str(run_dir)!r} belongs to another config")
+    rundir.truncate_metrics(run_dir, state["step"])
+    window = Window(xp.asarray(state["window"]["loss_sum"], dtype=cfg.dtype), state["window"]["steps"])
+    return params, opt, state["step"], state["elapsed_s"], window
 
+
+def _run(cfg, run_dir, corpus, xp, resume, stop_at, output):
+    params, opt, step, elapsed_before, window = _start(cfg, run_dir, corpus, xp, resume)
     validation = data.validation_batches(corpus.validation, cfg.seed, cfg.eval_batches, cfg.batch, cfg.context)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     session_start = window_start = time.perf_counter()
-    rows = []
+    timed_steps, rows = 0, []           # steps of this window run in this session (for tokens/s)
     bar = _progress(output, cfg, step)
     try:
         for s in range(step, end):
             tokens = data.train_batch(corpus.train, s, cfg.seed, cfg.batch, cfg.context)
             params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg)
             window = Window(window.loss_sum + loss, window.steps + 1)
+            timed_steps += 1
             done = s + 1
             evaluating = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
             if done % cfg.log_every == 0 or evaluating:
@@ -182,14 +185,14 @@ def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=F
                        "loss": float(window.loss_sum) / window.steps, "lr": learning_rate(s, cfg),
                        "grad_norm": float(norm)}
                 seconds = time.perf_counter() - window_start     # after float(): the device is done
-                row["tokens_per_s"] = window.steps * cfg.batch * cfg.context / max(seconds, 1e-9)
+                row["tokens_per_s"] = timed_steps * cfg.batch * cfg.context / max(seconds, 1e-9)
                 if evaluating:
                     row["val_bpb"] = bits_per_byte(mean_loss(params, cfg, validation))
                 row["elapsed_s"] = elapsed_before + time.perf_counter() - session_start
                 rundir.append_metrics(run_dir, row)
                 rows.append(row)
                 _report(bar, output, row, cfg)
-                window = Window(xp.zeros((), dtype=cfg.dtype), 0)
+                window, timed_steps = Window(xp.zeros((), dtype=cfg.dtype), 0), 0
                 window_start = time.perf_counter()              # the eval is not training time
             if done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 saving = time.perf_counter()
