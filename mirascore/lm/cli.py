@@ -154,7 +154,7 @@ def _bpb_text(args, run_info):
     path = Path(args.data)
     if path.is_dir():
         file = data.split_file(path, args.split)
-        return data.read_array(file), f"{file.resolve()} (the whole {args.split} file)"
+        return data.read_array(file), f"{file.resolve()} (its {args.split} file)"
     corpus = data.load_corpus(path)
     return corpus.validation, f"{corpus.source}, validation: {corpus.split}"
 
@@ -206,6 +206,8 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": 
 
 def main(argv=None):
     """Run one command; returns the exit status (0, or 2 for bad input, 130 when interrupted)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")      # samples print on any terminal encoding
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)

@@ -30,7 +30,7 @@ def generate(params, cfg, prompt, n_bytes, temperature=DEFAULT_TEMPERATURE, seed
         raise ValueError("prompt must not be empty: the model needs a first byte to condition on")
     if n_bytes < 0:
         raise ValueError(f"tokens must be ≥ 0, got {n_bytes}")
-    if temperature < 0:
+    if not temperature >= 0:                       # (also NaN)
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     xp = namespace(*params.values())
     rng = np.random.default_rng(seed)
