@@ -99,6 +99,8 @@ def test_a_writer_killed_at_random_moments_always_leaves_a_whole_checkpoint(tmp_
     for _ in range(6):
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         assert writer.stdout.readline() == "ready\n"
+        while not checkpoint.exists(tmp_path) and writer.poll() is None:   # the first writer's first save
+            time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.5))        # a save of 24 MiB with fsyncs takes tens of ms
         writer.send_signal(signal.SIGKILL)
         writer.wait()

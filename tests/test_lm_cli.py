@@ -143,6 +143,14 @@ def test_python_dash_m_reports_errors_without_a_traceback(tmp_path):
     assert proc.stderr.splitlines() == [f"mirascore: error: config file '{tmp_path / 'none.toml'}' does not exist"]
 
 
+def test_a_missing_train_extra_is_named(tmp_path, capsys, monkeypatch):
+    for name in ("tqdm", "tqdm.auto"):                            # as if tqdm were not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    status, _, err = run_cli(capsys, "train", write_config(tmp_path), "--out", tmp_path / "run")
+    assert status == 2 and err == "mirascore: error: tqdm is not installed: pip install 'mirascore[train]'\n"
+    assert not (tmp_path / "run").exists()                           # so a retry can start afresh
+
+
 def test_sample_is_the_prompt_and_a_reproducible_continuation(trained, capsys):
     status, greedy, _ = run_cli(capsys, "sample", trained, "--prompt", "ROMEO:", "--tokens", "20", "--temperature", "0")
     assert status == 0 and greedy.startswith("ROMEO:")

@@ -32,11 +32,9 @@ MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.j
 FORMAT = "mirascore-checkpoint-1"
 
 
-def _safetensors():
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise ValueError("checkpoints need safetensors: pip install 'mirascore[train]'") from None
+def require_safetensors():
+    """safetensors.numpy (a ModuleNotFoundError naming safetensors when the train extra is missing)."""
+    import safetensors.numpy
     return safetensors.numpy
 
 
@@ -70,7 +68,7 @@ def recover(run_dir):
 def save(run_dir, params, opt_state, state):
     """Write params (dict of arrays), opt_state (AdamState) and state (a JSON-able dict, to which
     the optimizer step and the format are added) as RUN_DIR/checkpoint/, atomically."""
-    st = _safetensors()
+    st = require_safetensors()
     run_dir = Path(run_dir)
     recover(run_dir)
     tmp = run_dir / TMP
@@ -109,7 +107,7 @@ def load(run_dir, xp=np):
 
 
 def _read(folder, xp):
-    st = _safetensors()
+    st = require_safetensors()
     state = json.loads((folder / STATE).read_text())
     params = st.load((folder / MODEL).read_bytes())
     moments = st.load((folder / OPTIMIZER).read_bytes())

@@ -17,6 +17,7 @@ EXIT_USAGE = 2
 PROG = "mirascore"
 FINAL_SAMPLE_PROMPT, FINAL_SAMPLE_BYTES = "ROMEO:", 200
 DEFAULT_LENGTHS = (1024, 2048, 4096)
+TRAIN_EXTRA = ("tqdm", "safetensors", "matplotlib")      # the modules of the `train` extra
 
 
 class UsageError(Exception):
@@ -148,8 +149,7 @@ def counter(total, unit, quiet):
 def _bpb_text(args, run_info):
     """(held-out bytes, a description of where they come from) for eval --task bpb."""
     if args.data is None:
-        source = run_info.get("data", "")
-        corpus = data.load_corpus(None if source.endswith("(embedded)") else source)
+        corpus = data.load_corpus(data.path_of_source(run_info.get("data", data.EMBEDDED_SOURCE)))
         return corpus.validation, f"{corpus.source}, validation: {corpus.split}"
     path = Path(args.data)
     if path.is_dir():
@@ -214,8 +214,11 @@ def main(argv=None):
     except (UsageError, ValueError, OSError) as e:     # OSError: FileNotFoundError, NotADirectoryError, ...
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except ImportError as e:
-        print(f"{PROG}: error: {e.name or e} is not installed: pip install 'mirascore[train]'", file=sys.stderr)
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in TRAIN_EXTRA:
+            raise
+        print(f"{PROG}: error: {missing} is not installed: pip install 'mirascore[train]'", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 EMBEDDED = "tinyshakespeare"
+EMBEDDED_SOURCE = f"{EMBEDDED} (embedded)"
 SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
 TRAIN_FRACTION = 0.9
 _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1     # keep the two seed sequences apart
@@ -76,7 +77,7 @@ def load_corpus(path=None):
     """The corpus at `path` (None: the embedded default); see the module docstring."""
     if path is None:
         train, validation = split_bytes(embedded_bytes())
-        return Corpus(train, validation, f"{EMBEDDED} (embedded)", "last 10 % of the bytes")
+        return Corpus(train, validation, EMBEDDED_SOURCE, "last 10 % of the bytes")
     path = Path(path)
     if path.is_dir():
         train, validation = (read_array(split_file(path, split)) for split in ("train", "validation"))
@@ -87,6 +88,11 @@ def load_corpus(path=None):
         raise ValueError(f"--data {str(path)!r} must be a folder or a {', '.join(SUFFIXES)} file")
     train, validation = split_bytes(read_bytes(path))
     return Corpus(train, validation, str(path.resolve()), "last 10 % of the bytes")
+
+
+def path_of_source(source):
+    """The load_corpus argument that gives back a corpus of this `source` (None: the embedded one)."""
+    return None if source == EMBEDDED_SOURCE else source
 
 
 def _check_length(name, data, length):

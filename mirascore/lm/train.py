@@ -144,6 +144,9 @@ def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=F
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if steps is not None:
         cfg = replace(cfg, steps=steps)
+    checkpoint.require_safetensors()          # missing extras fail before the run directory exists
+    if output == "bar":
+        import tqdm.auto  # noqa: F401
     xp = device.array_module(device_name)
     with device.tf32(cfg.tf32 and xp is not np):
         return _run(cfg, Path(out_dir), data.load_corpus(data_path), xp, resume, stop_at, output)
