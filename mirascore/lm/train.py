@@ -107,7 +107,8 @@ def _check_resumable(run_dir, cfg, corpus):
     if saved_data != corpus.source:
         raise ValueError(f"--resume: the run trained on {saved_data!r}, not {corpus.source!r}")
     if not checkpoint.exists(run_dir):
-        raise ValueError(f"--resume: no checkpoint in {str(run_dir)!r} to resume from")
+        raise ValueError(f"--resume: no checkpoint in {str(run_dir)!r} to resume from (the run stopped "
+                         f"before its first one: remove the directory to start afresh)")
 
 
 def _checkpoint_state(cfg, step, window, elapsed):
