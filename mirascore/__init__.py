@@ -11,7 +11,8 @@ testing (property checks) load on first use. Importing mirascore imports neither
 import importlib
 
 from . import algorithm, bias, memory, presets, retention
-from .rules import MemoryState, Rule, init, recall, scan, step, weights
+from .state import MemoryState, Rule, init, recall, weights
+from .updates import scan, step
 
 __all__ = ["memory", "bias", "retention", "algorithm", "presets", "ref", "testing",
            "init", "step", "scan", "weights", "recall", "MemoryState", "Rule"]

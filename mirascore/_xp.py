@@ -1,23 +1,52 @@
-"""Array-namespace helpers: numpy or CuPy, chosen by the arrays themselves.
+"""Array namespaces: numpy, or CuPy with capture-safe matrix products, chosen by the arrays.
 
-CuPy is never imported here: an array is recognised as CuPy's by its type's module,
-so `import mirascore` stays free of cupy (and of numba).
+    xp = namespace(*arrays)        # numpy itself, or the CuPy namespace below
+    xp.matmul(a, b)                # on CuPy: cuBLAS through mirascore.gpu.blas (a CUDA graph can
+                                   # record it; CuPy's own cuBLAS calls cannot be captured)
+
+Code that takes `xp` once per call and uses only `xp.<numpy name>` runs unchanged on both
+devices: no `is_cupy` branches downstream. CuPy is never imported here unless a CuPy array
+arrives (an array is recognised as CuPy's by its type's module), so `import mirascore` stays free
+of cupy (and of numba).
 """
+import types
+
 import numpy as np
 
 _numpy_types = (np.ndarray, np.generic, float, int, bool)
+_cupy_namespace = None
 
 
-def is_cupy(x):
+def on_device(x):
     """True for a CuPy array (without importing CuPy)."""
     return type(x).__module__.startswith("cupy")
 
 
-def namespace(*arrays):
-    """The array module (numpy or cupy) that the given arrays live in.
+def cupy_namespace():
+    """cupy's namespace with `matmul` replaced by mirascore.gpu.blas.matmul (built once)."""
+    global _cupy_namespace
+    if _cupy_namespace is None:
+        import cupy
 
-    Python scalars and None count for nothing; mixing numpy and CuPy arrays is a
-    ValueError, because moving data between host and device silently is never wanted.
+        from .gpu import blas
+        ns = types.ModuleType("mirascore.cupy", "cupy's functions; matmul through mirascore.gpu.blas")
+        ns.__dict__.update({k: v for k, v in vars(cupy).items() if not k.startswith("__")})
+        ns.__getattr__ = lambda name: getattr(cupy, name)        # submodules CuPy loads lazily
+
+        def matmul(a, b):
+            if a.ndim >= 2 and b.ndim >= 2 and a.dtype == b.dtype and a.dtype.char in "fd":
+                return blas.matmul(a, b)
+            return cupy.matmul(a, b)             # vectors, integers, mixed dtypes: not captured
+        ns.matmul = matmul
+        _cupy_namespace = ns
+    return _cupy_namespace
+
+
+def namespace(*arrays):
+    """The array namespace (numpy, or CuPy with capture-safe matmul) the given arrays live in.
+
+    Python scalars and None count for nothing; mixing numpy and CuPy arrays is a ValueError,
+    because moving data between host and device silently is never wanted.
     """
     xp = None
     for a in arrays:
@@ -27,22 +56,13 @@ def namespace(*arrays):
             if isinstance(a, np.ndarray):
                 xp = np
             continue
-        if is_cupy(a):
-            import cupy
+        if on_device(a):
             if xp is np:
                 raise ValueError("numpy and CuPy arrays mixed in one call; move them to one device first")
-            xp = cupy
+            xp = cupy_namespace()
     return np if xp is None else xp
-
-
-def matmul(a, b):
-    """a @ b; CuPy arrays go through `mirascore.gpu.blas` (cuBLAS that a CUDA graph can capture)."""
-    if is_cupy(a):
-        from .gpu.blas import matmul as gpu_matmul
-        return gpu_matmul(a, b)
-    return a @ b
 
 
 def to_numpy(x):
     """A host (numpy) copy of x, whether x lives on the host or a GPU."""
-    return x.get() if is_cupy(x) else np.asarray(x)
+    return x.get() if on_device(x) else np.asarray(x)

@@ -1,11 +1,18 @@
 """Attentional biases: the per-token loss ℓ(M(k), v) the memory is trained on (DESIGN §3, paper §3).
 
 Each bias is a NamedTuple (`name` + hyperparameters) with pure methods over y = M(W, k) and v,
-both (..., d_out), with r = y − v:
+both (..., d_out), with r = y − v (the protocol: docs/internals.md):
   loss(y, v, delta=None) -> (...,)        ℓ, written with autodiff ops (differentiable)
   psi(y, v, delta=None)  -> (..., d_out)  hand-derived ψ = ∂ℓ/∂y
+  psi_vjp(y, v, delta, dpsi) -> (dy, dv, ddelta)   hand-derived VJP of psi (the anchored scan's
+                                          backward); ddelta only for the per-token δ gate, else None
   needs_delta                             True for huber(delta=None): δ comes as the per-token gate
+  psi_slope                               l2 (1) and dot (0) only: ψ = psi_slope·y − v, which lets a
+                                          linear memory run the exact delta-rule chunked form
 A per-token `delta` is a number or an array broadcasting against (...); only huber uses it.
+The psi_vjp methods follow the forward's branches exactly: away from the kinks (|r_j| = δ,
+‖r‖ = δ, r = 0 for p < 2) they are the exact derivatives; at a kink the inside branch is taken,
+as the forward's `≤` does.
 """
 from typing import NamedTuple
 
@@ -13,7 +20,9 @@ import numpy as np
 
 import mirascore.autodiff.numpy as anp
 
-from ._checks import choice, expand, hyper
+from .fusable import fusable
+from .gates import abs_power, expand, signed_power
+from .validation import choice, hyper
 
 
 def _norm(r):
@@ -25,6 +34,7 @@ class Dot(NamedTuple):
     """Hebbian bias (paper Eq. 8): ℓ = −⟨M(k), v⟩, ψ = −v."""
     name: str
     needs_delta = False
+    psi_slope = 0.0
 
     def loss(self, y, v, delta=None):
         return -anp.sum(y * v, axis=-1)
@@ -32,11 +42,15 @@ class Dot(NamedTuple):
     def psi(self, y, v, delta=None):
         return anp.broadcast_to(-v, np.broadcast_shapes(y.shape, v.shape))
 
+    def psi_vjp(self, y, v, delta, dpsi):
+        return 0.0 * dpsi, -dpsi, None              # ψ = −v does not depend on y
+
 
 class L2(NamedTuple):
     """Delta-rule bias: ℓ = ½‖r‖², ψ = r (the paper's factor 2 is absorbed in lr)."""
     name: str
     needs_delta = False
+    psi_slope = 1.0
 
     def loss(self, y, v, delta=None):
         r = y - v
@@ -44,6 +58,9 @@ class L2(NamedTuple):
 
     def psi(self, y, v, delta=None):
         return y - v
+
+    def psi_vjp(self, y, v, delta, dpsi):
+        return dpsi, -dpsi, None
 
 
 class Lp(NamedTuple):
@@ -64,13 +81,31 @@ class Lp(NamedTuple):
             raise NotImplementedError(
                 f"lp(p={self.p}, smooth=...) defines only psi (Remark 5's tanh/sqrt surrogate has no "
                 f"elementary loss); use psi, or lp(p) without smoothing for a loss")
-        return anp.sum(anp.abs(y - v) ** self.p, axis=-1) / self.p
+        return anp.sum(abs_power(y - v, self.p), axis=-1) / self.p
 
     def psi(self, y, v, delta=None):
         r = y - v
         if self.slope is not None:
             return anp.tanh(self.slope * r) * (r * r + self.eps) ** (0.5 * (self.p - 1.0))
-        return anp.sign(r) * anp.abs(r) ** (self.p - 1.0)
+        return signed_power(r, self.p - 1.0)
+
+    def psi_vjp(self, y, v, delta, dpsi):
+        r, p = y - v, self.p
+        if self.slope is not None:                   # ψ = tanh(s r)(r² + ε)^((p−1)/2)
+            tau, base = anp.tanh(self.slope * r), r * r + self.eps
+            dr = dpsi * (self.slope * (1.0 - tau * tau) * base ** (0.5 * (p - 1.0))
+                         + tau * (p - 1.0) * r * base ** (0.5 * (p - 3.0)))
+        elif p == 1.0:                               # ψ = sign(r): zero derivative a.e.
+            dr = 0.0 * dpsi
+        else:
+            dr = lp_psi_derivative(r, dpsi, p)
+        return dr, -dr, None
+
+
+@fusable
+def lp_psi_derivative(r, dpsi, p):
+    """dpsi ⊙ ∂ψ/∂r for ψ = sign(r)|r|^(p−1): dpsi·(p−1)|r|^(p−2)."""
+    return dpsi * ((p - 1.0) * abs_power(r, p - 2.0))
 
 
 class Huber(NamedTuple):
@@ -121,6 +156,27 @@ class Huber(NamedTuple):
             return r * (d / anp.maximum(_norm(r), d))       # = r·min(1, δ/‖r‖), no 0/0 at r = 0
         return anp.where(anp.sum(r * r, axis=-1, keepdims=True) <= d * d, r, d * anp.sign(r))
 
+    def psi_vjp(self, y, v, delta, dpsi):
+        d, r = self._delta(delta), y - v
+        gate = self.delta is None
+        if self.kind == "coord":                     # ψ = clip(r, −δ, δ)
+            inside = anp.abs(r) <= d
+            dr = anp.where(inside, dpsi, 0.0)
+            ddelta = anp.sum(anp.where(inside, 0.0, dpsi * anp.sign(r)), axis=-1)
+            return dr, -dr, ddelta if gate else None
+        n = anp.sqrt(anp.sum(r * r, axis=-1, keepdims=True))
+        inside = n <= d
+        if self.kind == "norm":                      # ψ = r·min(1, δ/‖r‖)
+            n_out = anp.where(inside, 1.0, n)        # outside, ‖r‖ > δ > 0
+            r_hat = r / n_out
+            proj = anp.sum(r_hat * dpsi, axis=-1, keepdims=True)
+            dr = anp.where(inside, dpsi, (d / n_out) * (dpsi - r_hat * proj))
+            ddelta = anp.where(inside, 0.0, proj)[..., 0]
+        else:                                        # mixture: ψ = r or δ·sign(r)
+            dr = anp.where(inside, dpsi, 0.0)
+            ddelta = anp.where(inside, 0.0, anp.sum(dpsi * anp.sign(r), axis=-1, keepdims=True))[..., 0]
+        return dr, -dr, ddelta if gate else None
+
 
 class Robust(NamedTuple):
     """Value-shift-robust bias (paper Eq. 17): ℓ = ½(‖r‖ + Δ)², ψ = r + Δ·r/sqrt(‖r‖² + eps).
@@ -139,6 +195,13 @@ class Robust(NamedTuple):
     def psi(self, y, v, delta=None):
         r = y - v
         return r + self.radius * r / anp.sqrt(anp.sum(r * r, axis=-1, keepdims=True) + self.eps)
+
+    def psi_vjp(self, y, v, delta, dpsi):
+        # ψ = r + Δ r/n, n = sqrt(‖r‖² + ε): ∂ψ/∂r = I + Δ(I/n − r rᵀ/n³), symmetric
+        r = y - v
+        n = anp.sqrt(anp.sum(r * r, axis=-1, keepdims=True) + self.eps)
+        dr = dpsi + self.radius * (dpsi / n - r * anp.sum(r * dpsi, axis=-1, keepdims=True) / (n * n * n))
+        return dr, -dr, None
 
 
 def dot():

@@ -6,7 +6,7 @@ the model's published recurrence in our gates (lr = η, alpha = α, beta = momen
 G = ∇_W ℓ at the weights before the token.
 """
 from . import algorithm, bias, memory, retention
-from .rules import Rule
+from .state import Rule
 
 
 def _linear(d_k, d_v, bias_, retention_, algorithm_=None):

@@ -3,22 +3,32 @@
 A gate stores one array s per parameter matrix (W itself, or a quantity W is exposed from) and
 maps (s, U, α) to the next s, where U is the algorithm's update (−lr·G for gd). Every gate is a
 NamedTuple (`name` + hyperparameters) with pure methods, one parameter array at a time
-(s: (..., m, n); gates `alpha`, `lr`: numbers or arrays broadcasting against the batch dims (...)):
-  expose(s)                            -> W, the weights the memory uses
-  retained(W, alpha)                   -> where the gradient is taken (W, or α·W)
-  update(s, U, alpha)                  -> s', one token; = prox(accumulate(canonical(s), U, alpha))
-  objective(s, s_prev, G, lr, alpha)   -> (...,), minimised over s by update(s_prev, −lr·G, alpha)
-and the pieces the anchored chunked form (DESIGN §4) uses:
-  canonical(s)                -> s in the coordinates where the update is linear (kl: log(W/scale))
-  accumulate(s, U, alpha)     -> α·s + U, the linear recurrence followed inside a chunk
-  prox(s)                     -> the map applied once per chunk end (elastic net's S_γ)
-  read(s, s_anchor)           -> the in-chunk read weights: linear in s, or W̄ (docs/internals.md)
+(s: (..., m, n); gates `alpha`, `lr`: numbers or arrays broadcasting against the batch dims (...)).
+The protocol (docs/internals.md):
+
+per token (step, ref.scan)
+  expose(s)                 -> W, the weights the memory uses
+  gradient_scale(alpha)     -> c: the gradient is taken at c·W (None: at W itself)
+  update(s, U, alpha)       -> s', one token: prox(α·canonical(s) + U)  (`update_from_pieces`)
+  objective(s, s_prev, G, lr, alpha) -> (...,), minimised over s by update(s_prev, −lr·G, alpha)
+anchored chunked form (scan, ref.scan_chunked; docs/contract.md §4)
+  canonical(s)              -> s in the coordinates where the update is α·s + U (kl: log(W/scale))
+  prox(s)                   -> the map applied once per chunk end (elastic net's S_γ)
+  read_scale(s_anchor)      -> ν: in-chunk reads see ν·s_t (a number, or (..., 1, 1) from the
+                               anchor); None: they read the anchor's weights expose(s_anchor)
+and their VJPs, hand-derived here (`expose_vjp(s, W, dW)`, `canonical_vjp(s, ds)`,
+`prox_vjp(s, ds)`, `read_scale_vjp(s_anchor, dnu)`, and `anchor_vjp(s, W, dW, dnu)`, the sum of the
+first and the last at the chunk's anchor); a gate of one's own may leave them to autodiff.
+Capabilities: `uses_alpha` (False for none(): α must be 1) and `delta_rule_gates` (none, l2: the
+gates that keep W itself and decay it linearly, so that the exact delta-rule chunked form applies).
 """
 from typing import NamedTuple
 
 import mirascore.autodiff.numpy as anp
 
-from ._checks import choice, expand, hyper
+from .fusable import fusable
+from .gates import abs_power, expand, signed_power
+from .validation import choice, hyper
 
 _MATRIX = (-2, -1)  # every reduction is per weight matrix (per batch element / head)
 
@@ -27,24 +37,30 @@ def _sum(x):
     return anp.sum(x, axis=_MATRIX)
 
 
+def update_from_pieces(gate, s, U, alpha):
+    """One token's update from the chunked form's pieces: prox(α·canonical(s) + U), and
+    prox(canonical(s) + U) for a gate without decay. With chunk = 1 the anchored scan computes
+    exactly this, so per-token and chunked semantics share one definition."""
+    z = gate.canonical(s)
+    z = z + U if not getattr(gate, "uses_alpha", True) else expand(alpha, 2) * z + U
+    return gate.prox(z)
+
+
 def _identity(self, s):
     return s
 
 
-def _no_shift(self, W, alpha):
-    return W
+def _identity_vjp(self, *args):
+    """VJP of an identity map: the cotangent (the last argument) passes through."""
+    return args[-1]
 
 
-def _accumulate(self, s, U, alpha):
-    return expand(alpha, 2) * s + U
+def _at_weights(self, alpha):
+    return None
 
 
-def _update(self, s, U, alpha):
-    return self.prox(self.accumulate(self.canonical(s), U, alpha))
-
-
-def _read_linear(self, s, s_anchor):
-    return s
+def _no_scale(self, s_anchor):
+    return 1.0
 
 
 def _proximal(W, W_prev, G, lr, alpha):
@@ -52,16 +68,23 @@ def _proximal(W, W_prev, G, lr, alpha):
     return _sum(W * G) + _sum((W - expand(alpha, 2) * W_prev) ** 2) / (2.0 * lr)
 
 
+def _times(slope, x):
+    """slope·x for the delta-rule gates, without a multiplication for slope 0 or 1."""
+    return 0.0 if slope == 0 else x if slope == 1 else slope * x
+
+
 class NoRetention(NamedTuple):
     """No retention: W ← W + U (α must be 1). Objective ⟨W, G⟩ + (1/(2lr))‖W − W'‖²."""
     name: str
+    uses_alpha = False
     expose = canonical = prox = _identity
-    retained = _no_shift
-    read = _read_linear
-    update = _update
+    expose_vjp = canonical_vjp = prox_vjp = _identity_vjp
+    gradient_scale = _at_weights
+    read_scale = _no_scale
+    update = update_from_pieces
 
-    def accumulate(self, s, U, alpha):
-        return s + U
+    def delta_rule_gates(self, alpha, lr, slope):
+        return alpha, _times(slope, lr), lr
 
     def objective(self, s, s_prev, G, lr, alpha):
         return _proximal(s, s_prev, G, lr, 1.0)
@@ -76,15 +99,34 @@ class L2(NamedTuple):
     name: str
     grad_at: str
     expose = canonical = prox = _identity
-    accumulate = _accumulate
-    read = _read_linear
-    update = _update
+    expose_vjp = canonical_vjp = prox_vjp = _identity_vjp
+    read_scale = _no_scale
+    update = update_from_pieces
 
-    def retained(self, W, alpha):
-        return expand(alpha, 2) * W if self.grad_at == "retained" else W
+    def gradient_scale(self, alpha):
+        return alpha if self.grad_at == "retained" else None
+
+    def delta_rule_gates(self, alpha, lr, slope):
+        """W_t = α W (I − b k kᵀ) + c v kᵀ: with the gradient at W, ψ = slope·(W k) − v gives
+        b = slope·lr/α; at α·W, b = slope·lr (docs/derivations/chunked-delta-rule.md)."""
+        b = _times(slope, lr)
+        return alpha, (b / alpha if self.grad_at == "state" and slope else b), lr
 
     def objective(self, s, s_prev, G, lr, alpha):
         return _proximal(s, s_prev, G, lr, alpha)
+
+
+@fusable
+def lq_power_sum(A, q):
+    """Σ|A_ij|^q over each matrix: (..., 1, 1)."""
+    return anp.sum(abs_power(A, q), axis=_MATRIX, keepdims=True)
+
+
+@fusable
+def lq_norm_vjp(A, nu, dW, coef, q):
+    """nu·dW + coef·sign(A)|A|^(q−1): the VJP of A ↦ ν(A)·A; nu, dW None for ν(A) alone."""
+    dA = coef * signed_power(A, q - 1.0)
+    return dA if nu is None else nu * dW + dA
 
 
 class Lq(NamedTuple):
@@ -101,20 +143,41 @@ class Lq(NamedTuple):
     q: float
     eps: float
     canonical = prox = _identity
-    retained = _no_shift
-    accumulate = _accumulate
-    update = _update
+    canonical_vjp = prox_vjp = _identity_vjp
+    gradient_scale = _at_weights
+    update = update_from_pieces
 
     def _scale(self, A):
-        """max(‖A‖_q, eps)^(2−q): (..., 1, 1)."""
-        norm = anp.sum(anp.abs(A) ** self.q, axis=_MATRIX, keepdims=True) ** (1.0 / self.q)
-        return anp.maximum(norm, self.eps) ** (2.0 - self.q)
+        """(ν, n): ν = max(n, eps)^(2−q), n = ‖A‖_q; both (..., 1, 1)."""
+        n = lq_power_sum(A, self.q) ** (1.0 / self.q)
+        return anp.maximum(n, self.eps) ** (2.0 - self.q), n
+
+    def read_scale(self, s_anchor):
+        return self._scale(s_anchor)[0]
 
     def expose(self, s):
-        return s * self._scale(s)
+        return s * self.read_scale(s)
 
-    def read(self, s, s_anchor):
-        return s * self._scale(s_anchor)
+    def _scale_vjp(self, A, n, dnu, nu=None, dW=None):
+        """dA of ν(A) for dν; with nu and dW, plus the VJP of A ↦ ν·A at fixed ν. The ν part is
+        zero on the eps branch (ν constant there): dν (2−q) n^(2−2q) sign(A)|A|^(q−1) for n > eps."""
+        big = n > self.eps
+        n_safe = anp.where(big, n, 1.0)
+        coef = anp.where(big, dnu * (2.0 - self.q) * n_safe ** (2.0 - 2.0 * self.q), 0.0)
+        return lq_norm_vjp(A, nu, dW, coef, self.q)
+
+    def read_scale_vjp(self, s_anchor, dnu):
+        return self._scale_vjp(s_anchor, self._scale(s_anchor)[1], dnu)
+
+    def expose_vjp(self, s, W, dW):
+        return self.anchor_vjp(s, W, dW, None)
+
+    def anchor_vjp(self, s, W, dW, dnu):
+        """expose_vjp(s, W, dW) + read_scale_vjp(s, dnu) with one norm and one pass (W = ν·s:
+        dν collects ⟨dW, s⟩ and the reads' dν)."""
+        nu, n = self._scale(s)
+        dnu_all = anp.sum(dW * s, axis=_MATRIX, keepdims=True)
+        return self._scale_vjp(s, n, dnu_all if dnu is None else dnu_all + dnu, nu, dW)
 
     def objective(self, s, s_prev, G, lr, alpha):
         return _proximal(s, s_prev, G, lr, alpha)
@@ -132,19 +195,26 @@ class KL(NamedTuple):
     """
     name: str
     scale: float
-    retained = _no_shift
-    accumulate = _accumulate
     prox = _identity
-    update = _update
+    prox_vjp = _identity_vjp
+    gradient_scale = _at_weights
+    update = update_from_pieces
 
     def expose(self, s):
-        return self.scale * anp.softmax(s, axis=-1)
+        e = anp.exp(s - anp.max(s, axis=-1, keepdims=True))
+        return self.scale * e / anp.sum(e, axis=-1, keepdims=True)
+
+    def expose_vjp(self, s, W, dW):
+        return W * (dW - anp.sum(dW * W, axis=-1, keepdims=True) / self.scale)
 
     def canonical(self, s):
         return anp.log_softmax(s, axis=-1)
 
-    def read(self, s, s_anchor):
-        return self.expose(s_anchor)
+    def canonical_vjp(self, s, ds):
+        return ds - self.expose(s) / self.scale * anp.sum(ds, axis=-1, keepdims=True)
+
+    def read_scale(self, s_anchor):
+        return None
 
     def objective(self, s, s_prev, G, lr, alpha):
         W = self.expose(s)
@@ -161,13 +231,16 @@ class ElasticNet(NamedTuple):
     name: str
     gamma: float
     expose = canonical = _identity
-    retained = _no_shift
-    accumulate = _accumulate
-    read = _read_linear
-    update = _update
+    expose_vjp = canonical_vjp = _identity_vjp
+    gradient_scale = _at_weights
+    read_scale = _no_scale
+    update = update_from_pieces
 
     def prox(self, s):
         return anp.sign(s) * anp.maximum(anp.abs(s) - self.gamma, 0.0)
+
+    def prox_vjp(self, s, ds):
+        return anp.where(anp.abs(s) > self.gamma, ds, 0.0)
 
     def objective(self, s, s_prev, G, lr, alpha):
         return _proximal(s, s_prev, G, lr, alpha) + self.gamma * _sum(anp.abs(s)) / lr
@@ -183,15 +256,18 @@ class Sigmoid(NamedTuple):
     """
     name: str
     canonical = prox = _identity
-    retained = _no_shift
-    accumulate = _accumulate
-    update = _update
+    canonical_vjp = prox_vjp = _identity_vjp
+    gradient_scale = _at_weights
+    update = update_from_pieces
 
     def expose(self, s):
         return anp.sigmoid(s)
 
-    def read(self, s, s_anchor):
-        return anp.sigmoid(s_anchor)
+    def expose_vjp(self, s, W, dW):
+        return dW * W * (1.0 - W)
+
+    def read_scale(self, s_anchor):
+        return None
 
     def objective(self, s, s_prev, G, lr, alpha):
         W = anp.sigmoid(s)

@@ -9,11 +9,11 @@ through the reference with random cotangents on Y and on the final state; finite
 (`ad.check_grads`) on the primitive and on every hand-derived piece of second_order.py. Long-T
 finiteness, broadcasting, T = 0, errors, float32, and the same comparisons on CuPy arrays (gpu).
 
-kl and sigmoid: docs/internals.md has in-chunk tokens read the chunk-start weights W̄. The judge for
-those rows is `memory.apply(W̄, q_t)` with W̄ taken from the reference's own chunk-start state
-(the reference run chunk by chunk, chained); the chunk's last row and the state are the reference's.
+kl and sigmoid: docs/internals.md has in-chunk tokens read the chunk-start weights W̄ (their
+`read_scale` is None); the reference does the same.
 """
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,12 +24,13 @@ import mirascore as mc
 import mirascore.autodiff as ad
 import mirascore.autodiff.numpy as anp
 import mirascore.ref as ref
-from mirascore.chunk import second_order as so
-from mirascore.autodiff.tracer import unbox
-from mirascore.chunk.anchored import (_decay, _decay_vjp, _pick, anchored_scan, anchored_scan_bwd,
-                                      anchored_scan_fwd)
-from mirascore.rules import MemoryState, Rule, is_exact
+from mirascore import protocols
+from mirascore.chunk.anchored import (anchor_gradients, anchor_gradients_vjp, anchored_scan,
+                                      anchored_scan_bwd, anchored_scan_fwd)
+from mirascore.chunk.coefficients import decay_matrix, decay_matrix_vjp
+from mirascore.state import MemoryState, Rule
 from mirascore.testing import assert_close
+from mirascore.updates import is_exact
 
 RTOL, ATOL = 1e-9, 1e-12          # float64; both sides are exact formulas, only round-off differs
 CHUNKS = (1, 3, 16, 64)
@@ -130,51 +131,30 @@ def gates(lr, alpha, delta, beta):
     return {k: v for k, v in dict(lr=lr, alpha=alpha, delta=delta, beta=beta).items() if v is not None}
 
 
-def _expose_ad(ret, s):
-    """W from the stored quantity, with autodiff ops (kl, sigmoid)."""
-    return ret.scale * anp.softmax(s, axis=-1) if ret.name == "kl" else anp.sigmoid(s)
-
-
 def judge(rule, chunk):
     """(P, S, K, V, Q, lr, α, δ, β) -> (Y, P', S') by the reference anchored loop, differentiable
-    by autodiff. kl / sigmoid: in-chunk rows read the reference's chunk-start weights W̄."""
+    by autodiff."""
     mem, ret, alg = rule.memory, rule.retention, rule.algorithm
 
     def f(P, S, K, V, Q, lr, alpha, delta, beta):
         state = MemoryState(mem, ret, alg, tuple(P), None if S is None else tuple(S))
-        if ret.name not in ("kl", "sigmoid"):
-            Y, out = ref.scan_chunked(state, K, V, Q, bias=rule.bias, chunk=chunk,
-                                      **gates(lr, alpha, delta, beta))
-            return Y, out.params, out.momentum
-        ys, T = [], K.shape[-2]
-        for a in range(0, T, chunk):
-            e = min(a + chunk, T)
-            cut = (lambda x: None if x is None else x[..., a:e])
-            Yc, out = ref.scan_chunked(state, K[..., a:e, :], V[..., a:e, :], Q[..., a:e, :],
-                                       bias=rule.bias, chunk=chunk,
-                                       **gates(cut(lr), cut(alpha), cut(delta), cut(beta)))
-            if e - a > 1:
-                W_bar = tuple(anp.expand_dims(_expose_ad(ret, s), -3) for s in state.params)
-                ys.append(mem.apply(W_bar, Q[..., a:e - 1, :]))
-            ys.append(Yc[..., -1:, :])
-            state = out
-        return anp.concatenate(ys, axis=-2), state.params, state.momentum
+        Y, out = ref.scan_chunked(state, K, V, Q, bias=rule.bias, chunk=chunk,
+                                  **gates(lr, alpha, delta, beta))
+        return Y, out.params, out.momentum
     return f
 
 
 def kernel(rule, chunk):
     """The primitive with the judge's signature."""
     def f(P, S, K, V, Q, lr, alpha, delta, beta):
-        out = anchored_scan(*P, *(S or ()), K, V, Q, lr, alpha, delta, beta, memory=rule.memory,
-                            bias=rule.bias, retention=rule.retention, algorithm=rule.algorithm,
-                            chunk=chunk)
-        n = len(P)
-        return out[0], tuple(out[1:1 + n]), None if S is None else tuple(out[1 + n:])
+        return anchored_scan(P, S, K, V, Q, lr, alpha, delta, beta, memory=rule.memory,
+                             bias=rule.bias, retention=rule.retention, algorithm=rule.algorithm,
+                             chunk=chunk)
     return f
 
 
 def weights(ret, params):
-    return tuple(so.expose(ret, p) for p in params)
+    return tuple(ret.expose(p) for p in params)
 
 
 def assert_outputs(rule, got, want, ctx):
@@ -361,35 +341,29 @@ def test_gradients_every_rule(rule, data):
 def test_check_grads_on_the_primitive(rule):
     """Finite differences on the primitive itself (gates kept away from the kinks)."""
     prob = Problem(rule, np.random.default_rng(7), (2,), 7, smooth_gates=True)
-    P, S, K, V, Q, lr, alpha, delta, beta = prob.args
-    n = len(P)
 
-    def f(*arrays):
-        return anchored_scan(*arrays, memory=rule.memory, bias=rule.bias, retention=rule.retention,
-                             algorithm=rule.algorithm, chunk=3)
-    arrays = (*P, *(S or ()), K, V, Q, lr, alpha, delta, beta)
-    if rule.retention.name == "kl":                  # compare the exposed weights, not the logits
-        def g(*a):
-            out = f(*a)
-            return (out[0],) + tuple(_expose_ad(rule.retention, x) for x in out[1:1 + n]) + out[1 + n:]
-        ad.check_grads(g, *arrays, order=1)
-    else:
-        ad.check_grads(f, *arrays, order=1)
+    def f(*args):
+        Y, P, S = kernel(rule, 3)(*args)
+        return Y, weights(rule.retention, P), S       # kl: the exposed weights, not the logits
+    ad.check_grads(f, *prob.args, order=1)
 
 
 # ---------------------------------------------------------------- the hand-derived pieces
 
-def _primitive(forward, vjp_of):
-    """forward(*args) -> tuple of arrays, registered as a primitive with the hand VJP
-    `vjp_of(args, cotangents)` (None cotangent entries mean zero) and split into its outputs the
-    way anchored_scan is, so that ad.check_grads tests the hand VJP."""
-    raw = ad.primitive(lambda *args: tuple(forward(*args)))
-    ad.defvjp_argnums(raw, lambda argnums, ans, args, kw: lambda g: tuple(
-        vjp_of(args, tuple(g) + (None,) * (len(ans) - len(g)))[i] for i in argnums))
+def _decay(gate):
+    return decay_matrix(np, gate)
 
-    def f(*args):
-        out = raw(*args)
-        return tuple(_pick(out, i) for i in range(len(unbox(out))))
+
+def _decay_vjp(D, dD):
+    return decay_matrix_vjp(np, D, dD)
+
+
+def _primitive(forward, vjp_of):
+    """forward(*args) -> tuple of arrays, registered as a tree primitive with the hand VJP
+    `vjp_of(args, cotangents)` (None cotangent entries mean zero), so that ad.check_grads tests
+    the hand VJP."""
+    f = ad.tree_primitive(lambda *args: (tuple(forward(*args)), None))
+    ad.defvjp_tree(f, lambda result, _, args, kw: lambda g: vjp_of(args, tuple(g)))
     return f
 
 
@@ -408,7 +382,7 @@ def test_psi_vjp(bias):
         return (bias.psi(y, v, d[0] if d else None),)
 
     def vjp(args, g):
-        dy, dv, dd = so.psi_vjp(bias, args[0], args[1], args[2] if len(args) > 2 else None, g[0])
+        dy, dv, dd = bias.psi_vjp(args[0], args[1], args[2] if len(args) > 2 else None, g[0])
         return (dy, dv) + ((dd,) if len(args) > 2 else ())
     args = (y, v) + ((delta,) if delta is not None else ())
     ad.check_grads(_primitive(fwd, vjp), *args, order=1)
@@ -437,50 +411,33 @@ def test_factors_vjp(memory, bias, use_c):
     """(W̄, K, V, δ, c) ↦ rank-1 gradient factors: the second-order VJP through ψ's Jacobian, LN,
     GELU and the memory's backward — finite differences and autodiff of memory.grad."""
     rng = np.random.default_rng(4)
-    params, K, V, delta, c = _factor_problem(memory, bias, rng, use_c)
-    n = len(params)
-
-    def fwd(*args):
-        P, (K, V), rest = args[:n], args[n:n + 2], list(args[n + 2:])
-        d = rest.pop(0) if delta is not None else None
-        cc = rest.pop(0) if c is not None else None
-        Y, cache = so.memory_forward(memory, P, K, cc)
-        fac, _ = so.memory_factors(memory, cache, bias.psi(Y, V, d))
-        return tuple(x for pair in fac for x in pair)
+    args = _factor_problem(memory, bias, rng, use_c)
+    ops = protocols.anchored(memory, bias, mc.retention.l2(), mc.algorithm.gd())
 
     def vjp(args, g):
-        P, (K, V), rest = args[:n], args[n:n + 2], list(args[n + 2:])
-        d = rest.pop(0) if delta is not None else None
-        cc = rest.pop(0) if c is not None else None
-        Y, cache = so.memory_forward(memory, P, K, cc)
-        psi = bias.psi(Y, V, d)
-        fac, gcache = so.memory_factors(memory, cache, psi)
-        g = _zeros(tuple(x for pair in fac for x in pair), g)
-        dfac = tuple((g[2 * i], g[2 * i + 1]) for i in range(n))
-        dP, dK, dV, dd, dc = so.factors_vjp(memory, bias, cache, gcache, fac, Y, psi, V, d, dfac)
-        dP = tuple(np.zeros_like(p) if x is None else x for p, x in zip(P, dP))
-        return dP + (dK, dV) + ((dd,) if d is not None else ()) + ((dc,) if cc is not None else ())
-    args = params + (K, V) + ((delta,) if delta is not None else ()) + ((c,) if c is not None else ())
-    ad.check_grads(_primitive(fwd, vjp), *args, order=1)
+        P, K, V, d, c = args
+        ag = anchor_gradients(ops, np, P, K, V, d, c)
+        dE, dF = zip(*(_zeros(pair, dpair or (None, None)) for pair, dpair in zip(ag.factors, g)))
+        dP = [np.zeros_like(p) for p in P]
+        dK, dV, dd, dc = anchor_gradients_vjp(ops, ag, V, d, dE, dF, dP)
+        return tuple(dP), dK, dV, dd, dc
+    factors = ad.tree_primitive(lambda *a: (anchor_gradients(ops, np, *a).factors, None))
+    ad.defvjp_tree(factors, lambda result, _, a, kw: lambda g: vjp(a, g))
+    ad.check_grads(factors, *args, order=1)
 
     # and against autodiff of the library's memory.grad at per-token weights c_i·W̄
-    def grads(*args):
-        P, (K, V), rest = args[:n], args[n:n + 2], list(args[n + 2:])
-        d = rest.pop(0) if delta is not None else None
-        cc = rest.pop(0) if c is not None else None
-        scale = 1.0 if cc is None else anp.expand_dims(anp.expand_dims(cc, -1), -1)
+    def grads(P, K, V, d, c):
+        scale = 1.0 if c is None else anp.expand_dims(anp.expand_dims(c, -1), -1)
         Pg = tuple(anp.expand_dims(p, -3) * scale for p in P)
         return memory.grad(Pg, K, bias.psi(memory.apply(Pg, K), V, d))
     G, pull = ad.vjp(grads, *args)
     dG = tuple(rng.standard_normal(x.shape) for x in G)
     want = pull(dG)
-    Y, cache = so.memory_forward(memory, params, K, c)
-    fac = so.memory_factors(memory, cache, bias.psi(Y, V, delta))[0]
-    g = []
-    for dg, (E, F) in zip(dG, fac):           # ⟨dG_i, e_i f_iᵀ⟩ -> (dG_i f_i, dG_iᵀ e_i)
-        g += [np.einsum("...bmn,...bn->...bm", dg, F), np.einsum("...bmn,...bm->...bn", dg, E)]
-    for i, (a, b) in enumerate(zip(vjp(args, tuple(g)), want)):
-        assert_close(f"arg {i}", a, b, rtol=1e-10, atol=1e-12)
+    g = tuple((np.einsum("...bmn,...bn->...bm", dg, F), np.einsum("...bmn,...bm->...bn", dg, E))
+              for dg, (E, F) in zip(dG, anchor_gradients(ops, np, *args).factors))
+    got = vjp(args, g)                          # ⟨dG_i, e_i f_iᵀ⟩ -> (dG_i f_i, dG_iᵀ e_i)
+    for i, (a, b) in enumerate(zip(_leaves(got), _leaves(want))):
+        assert_close(f"leaf {i}", a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("ret", [mc.retention.lq(4.0), mc.retention.lq(3.0), mc.retention.lq(1.5),
@@ -492,24 +449,29 @@ def test_exposing_map_vjps(ret):
     rng = np.random.default_rng(5)
     s = rng.uniform(-1, 1, (2, 3, 4))
     s = np.where(np.abs(np.abs(s) - 0.3) < 0.05, s + 0.1, s)          # off the threshold's kinks
-    if ret.name == "elastic_net":
-        ad.check_grads(_primitive(lambda x: (so.prox(ret, x),),
-                                  lambda a, g: (so.prox_vjp(ret, a[0], g[0]),)), s, order=1)
-        return
-    ad.check_grads(_primitive(lambda x: (so.expose(ret, x),),
-                              lambda a, g: (so.expose_vjp(ret, a[0], so.expose(ret, a[0]), g[0]),)),
+    ad.check_grads(_primitive(lambda x: (ret.prox(x),),
+                              lambda a, g: (ret.prox_vjp(a[0], g[0]),)), s, order=1)
+    ad.check_grads(_primitive(lambda x: (ret.expose(x),),
+                              lambda a, g: (ret.expose_vjp(a[0], ret.expose(a[0]), g[0]),)),
                    s, order=1)
-    if ret.name == "kl":
-        ad.check_grads(_primitive(lambda x: (so.canonical(ret, x),),
-                                  lambda a, g: (so.canonical_vjp(ret, a[0], g[0]),)), s, order=1)
+    ad.check_grads(_primitive(lambda x: (ret.canonical(x),),
+                              lambda a, g: (ret.canonical_vjp(a[0], g[0]),)), s, order=1)
+    nu = ret.read_scale(s)
+    if nu is not None and not isinstance(nu, float):
+        ad.check_grads(_primitive(lambda x: (ret.read_scale(x),),
+                                  lambda a, g: (ret.read_scale_vjp(a[0], g[0]),)), s, order=1)
+        dW, dnu = rng.standard_normal(s.shape), rng.standard_normal(nu.shape)
+        assert_close("anchor_vjp", ret.anchor_vjp(s, ret.expose(s), dW, dnu),
+                     ret.expose_vjp(s, ret.expose(s), dW) + ret.read_scale_vjp(s, dnu),
+                     rtol=1e-13, atol=1e-15)
 
 
 def test_lq_eps_branch_has_a_constant_normaliser():
     ret = mc.retention.lq(4.0, eps=1.0)
     A = np.full((2, 2), 0.01)                          # ‖A‖_4 = 0.02 < eps
-    nu, n = so.lq_scale(A, ret.q, ret.eps)
+    nu = ret.read_scale(A)
     assert float(nu[0, 0]) == 1.0
-    assert np.all(so.lq_scale_vjp(A, ret.q, ret.eps, n, np.ones_like(nu)) == 0.0)
+    assert np.all(ret.read_scale_vjp(A, np.ones_like(nu)) == 0.0)
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 7)])
@@ -647,11 +609,23 @@ def test_float32_in_float32_out():
     assert all(x.dtype == np.float32 for x in (*g.params, g.K, g.V, g.Q, g.lr, g.alpha))
 
 
+class _Plain(NamedTuple):
+    """An algorithm that does not say whether it carries momentum."""
+    name: str = "plain"
+
+    def init(self, params):
+        return None
+
+    def effective_lr(self, lr, k):
+        return lr
+
+
 def test_errors():
-    rule = Rule(LINEAR, mc.bias.l2(), mc.retention.none(), mc.algorithm.implicit())
+    rule = Rule(LINEAR, mc.bias.l2(), mc.retention.none(), mc.algorithm.gd())
     prob = Problem(rule, np.random.default_rng(13), (), 3)
-    with pytest.raises(ValueError, match="implicit"):
-        anchored_scan_fwd(prob.state(), prob.K, prob.V, prob.Q, bias=rule.bias, lr=prob.lr)
+    with pytest.raises(protocols.MissingMethodError, match="algorithm _Plain.*uses_momentum"):
+        anchored_scan_fwd(prob.state()._replace(algorithm=_Plain()), prob.K, prob.V, prob.Q,
+                          bias=rule.bias, lr=prob.lr)
     state = prob.state()._replace(algorithm=mc.algorithm.momentum(), momentum=prob.P)
     with pytest.raises(ValueError, match="beta"):
         anchored_scan_fwd(state, prob.K, prob.V, prob.Q, bias=rule.bias, lr=prob.lr)

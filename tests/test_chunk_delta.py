@@ -1,4 +1,4 @@
-"""The chunked delta recurrence (mirascore.chunk.chunk_delta) against a per-token float64 loop.
+"""The chunked delta rule (mirascore.chunk.delta_rule_scan) against a per-token float64 loop.
 
     W_t = α_t W_{t−1} (I − b_t k_t k_tᵀ) + c_t v_t k_tᵀ,   y_t = W_t q_t
 
@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 import mirascore.autodiff as ad
 import mirascore.autodiff.numpy as anp
 from mirascore._xp import to_numpy
-from mirascore.chunk import chunk_delta, chunk_delta_bwd, chunk_delta_fwd
-from mirascore.chunk import delta as delta_mod
+from mirascore.chunk import delta_rule as delta_mod
+from mirascore.chunk import delta_rule_bwd, delta_rule_fwd
+from mirascore.chunk import delta_rule_scan as chunk_delta
 
 NAMES = ("W0", "K", "V", "Q", "alpha", "b", "c")
 
@@ -114,7 +115,7 @@ def test_forward_awkward_lengths(chunk):
             continue
         args = make_inputs(rng, (2,), T, 4, 3)
         Y_ref, W_ref = loop(*args)
-        Y, W_T, _ = chunk_delta_fwd(*args, chunk=chunk)
+        Y, W_T, _ = delta_rule_fwd(*args, chunk=chunk)
         assert_close(f"Y T={T}", Y, Y_ref)
         assert_close(f"W_T T={T}", W_T, W_ref)
 
@@ -176,34 +177,34 @@ def test_check_grads_can_fail():
     """A wrong backward pass is caught: scale one gradient and check_grads must complain."""
     rng = np.random.default_rng(3)
     args = make_inputs(rng, (), 9, 2, 2, alpha_kind="alpha_smooth")
-    good = delta_mod.chunk_delta_bwd
+    good = delta_mod.delta_rule_bwd
 
     def bad(saved, dY, dW_T):
         g = list(good(saved, dY, dW_T))
         g[5] = 1.01 * g[5]
         return tuple(g)
-    delta_mod.chunk_delta_bwd = bad
+    delta_mod.delta_rule_bwd = bad
     try:
         with pytest.raises(AssertionError, match="argument 5"):
             ad.check_grads(lambda *a: chunk_delta(*a, chunk=4), *args, order=1)
     finally:
-        delta_mod.chunk_delta_bwd = good
+        delta_mod.delta_rule_bwd = good
 
 
 def test_grad_of_grad_is_refused():
     rng = np.random.default_rng(4)
     args = make_inputs(rng, (), 5, 2, 2, alpha_kind="alpha_smooth")
-    with pytest.raises(NotImplementedError, match="chunk_delta_bwd"):
+    with pytest.raises(NotImplementedError, match="delta_rule_scan"):
         ad.check_grads(lambda *a: chunk_delta(*a, chunk=2), *args, order=2)
 
 
 def test_partial_argnums_and_fwd_bwd_pair():
-    """grad w.r.t. a subset of arguments; chunk_delta_bwd called directly agrees with the VJP."""
+    """grad w.r.t. a subset of arguments; delta_rule_bwd called directly agrees with the VJP."""
     rng = np.random.default_rng(5)
     args = make_inputs(rng, (3,), 13, 4, 2)
-    Y, W_T, saved = chunk_delta_fwd(*args, chunk=4)
+    Y, W_T, saved = delta_rule_fwd(*args, chunk=4)
     dY, dW = rng.standard_normal(Y.shape), rng.standard_normal(W_T.shape)
-    direct = chunk_delta_bwd(saved, dY, dW)
+    direct = delta_rule_bwd(saved, dY, dW)
 
     def loss(K, alpha):
         Y, W_T = chunk_delta(args[0], K, args[2], args[3], alpha, args[5], args[6], chunk=4)
@@ -308,10 +309,10 @@ def test_long_sequence_is_stable(alpha):
     b = rng.uniform(0.0, 1.0, (T,))
     c = rng.uniform(0.0, 1.0, (T,))
     Y_ref, W_ref = loop(W0, K, V, Q, a, b, c)
-    Y, W_T, saved = chunk_delta_fwd(W0, K, V, Q, a, b, c, chunk=64)
+    Y, W_T, saved = delta_rule_fwd(W0, K, V, Q, a, b, c, chunk=64)
     assert_close("Y", Y, Y_ref, rtol=1e-8, atol=1e-10)
     assert_close("W_T", W_T, W_ref, rtol=1e-8, atol=1e-10)
-    grads = chunk_delta_bwd(saved, rng.standard_normal(Y.shape), rng.standard_normal(W_T.shape))
+    grads = delta_rule_bwd(saved, rng.standard_normal(Y.shape), rng.standard_normal(W_T.shape))
     assert all(np.all(np.isfinite(g)) for g in grads)
     Y32, W32 = chunk_delta(*(x.astype(np.float32) for x in (W0, K, V, Q, a, b, c)), chunk=64)
     assert np.all(np.isfinite(Y32))
@@ -326,11 +327,11 @@ def poison(xp, monkeypatch):
     """On CuPy, every output the custom kernels allocate starts as NaN."""
     if xp is np:
         return
-    from mirascore.gpu import delta_kernels
+    from mirascore.gpu import delta_rule_kernels
 
     def nan_empty(shape, dtype):
         return xp.full(shape, np.nan, dtype=dtype)
-    monkeypatch.setattr(delta_kernels, "_empty", nan_empty)
+    monkeypatch.setattr(delta_rule_kernels, "_empty", nan_empty)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -347,12 +348,12 @@ def test_backends(xp, poison, dtype, shape):
     if T <= 80 and d_k * d_v <= 64:
         want = reference_grads(args, dY, dW)
     else:                                       # large: the float64 numpy path, itself judged above
-        _, _, s = chunk_delta_fwd(*args, chunk=chunk, kernels=False)
-        want = chunk_delta_bwd(s, dY, dW)
+        _, _, s = delta_rule_fwd(*args, chunk=chunk, kernels=False)
+        want = delta_rule_bwd(s, dY, dW)
     dev = [xp.asarray(a, dtype=dtype) for a in args]
-    Y, W_T, saved = chunk_delta_fwd(*dev, chunk=chunk)
+    Y, W_T, saved = delta_rule_fwd(*dev, chunk=chunk)
     assert type(Y) is type(dev[0]) and Y.dtype == np.dtype(dtype)
-    got = chunk_delta_bwd(saved, xp.asarray(dY, dtype=dtype), xp.asarray(dW, dtype=dtype))
+    got = delta_rule_bwd(saved, xp.asarray(dY, dtype=dtype), xp.asarray(dW, dtype=dtype))
     if dtype == "float64":
         assert_close("Y", Y, Y_ref, rtol=1e-8, atol=1e-10)
         assert_close("W_T", W_T, W_ref, rtol=1e-8, atol=1e-10)
@@ -369,19 +370,19 @@ def test_backends(xp, poison, dtype, shape):
 @pytest.fixture
 def poisoned_kernels(monkeypatch):
     import cupy
-    from mirascore.gpu import delta_kernels
-    monkeypatch.setattr(delta_kernels, "_empty", lambda shape, dtype: cupy.full(shape, np.nan, dtype=dtype))
+    from mirascore.gpu import delta_rule_kernels
+    monkeypatch.setattr(delta_rule_kernels, "_empty", lambda shape, dtype: cupy.full(shape, np.nan, dtype=dtype))
 
 
 @pytest.mark.gpu
 def test_gpu_kernels_match_batched_path(poisoned_kernels):
     """The RawKernels and the batched-matmul path agree piece by piece (float64, poisoned outputs)."""
     import cupy
-    from mirascore.gpu import delta_kernels
+    from mirascore.gpu import delta_rule_kernels
     rng = np.random.default_rng(11)
     Bn, N, C, dv, dk = 3, 5, 64, 70, 128             # d_v not a multiple of the tile: a partial tile
     A = cupy.asarray(np.tril(rng.standard_normal((Bn, N, C, C)) / 8, -1))
-    assert_close("inverse", delta_kernels.unit_lower_inverse(A), delta_mod.unit_lower_inverse(A.get()))
+    assert_close("inverse", delta_rule_kernels.unit_lower_inverse(A), delta_mod.unit_lower_inverse(A.get()))
     parts = [rng.standard_normal(s) for s in ((Bn, N, C, dv), (Bn, N, C, dk), (Bn, N, C, dk))]
     decay = rng.uniform(0, 1, (Bn, N))
     X0 = rng.standard_normal((Bn, dv, dk))
@@ -389,7 +390,7 @@ def test_gpu_kernels_match_batched_path(poisoned_kernels):
     for kw in (dict(), dict(H=H, sign_a=1.0, sign_b=-1.0, reverse=True)):
         want = delta_mod.state_scan(*parts, decay, X0, **kw)
         kw_dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-        got = delta_kernels.state_scan(*(cupy.asarray(p) for p in parts), cupy.asarray(decay),
+        got = delta_rule_kernels.state_scan(*(cupy.asarray(p) for p in parts), cupy.asarray(decay),
                                        cupy.asarray(X0), **kw_dev)
         for name, g, w in zip(("Xs", "O", "X"), got, want):
             assert_close(name, g, w, rtol=1e-10, atol=1e-11)
@@ -400,16 +401,16 @@ def test_gpu_kernels_match_batched_path(poisoned_kernels):
 def test_gpu_kernels_odd_sizes(poisoned_kernels, shape):
     """Sizes that leave tiles partly empty (C < 64, d_k < 128, d_v not a multiple of the tile)."""
     import cupy
-    from mirascore.gpu import delta_kernels
+    from mirascore.gpu import delta_rule_kernels
     Bn, N, C, dv, dk = shape
     rng = np.random.default_rng(12)
     parts = [rng.standard_normal(s) for s in ((Bn, N, C, dv), (Bn, N, C, dk), (Bn, N, C, dk))]
     decay, X0 = rng.uniform(0, 1, (Bn, N)), rng.standard_normal((Bn, dv, dk))
     want = delta_mod.state_scan(*parts, decay, X0)
     for dtype, tol in (("float64", 1e-10), ("float32", 1e-4)):
-        got = delta_kernels.state_scan(*(cupy.asarray(p, dtype=dtype) for p in parts),
+        got = delta_rule_kernels.state_scan(*(cupy.asarray(p, dtype=dtype) for p in parts),
                                        cupy.asarray(decay, dtype=dtype), cupy.asarray(X0, dtype=dtype))
         for name, g, w in zip(("Xs", "O", "X"), got, want):
             assert_close(f"{name} {dtype}", g, w, rtol=tol, atol=tol)
     A = np.tril(rng.standard_normal((Bn, N, C, C)) / 4, -1)
-    assert_close("inverse", delta_kernels.unit_lower_inverse(cupy.asarray(A)), delta_mod.unit_lower_inverse(A))
+    assert_close("inverse", delta_rule_kernels.unit_lower_inverse(cupy.asarray(A)), delta_mod.unit_lower_inverse(A))

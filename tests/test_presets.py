@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import mirascore as mc
 import mirascore.testing as mt
+from mirascore.updates import is_exact
 import strategies as S
 from strategies import outer, matvec
 
@@ -100,7 +101,7 @@ def test_linear_presets_reproduce_their_recurrence(name, data):
     Y_own, S_own = linear_loop(recurrence, S0, K, V, Q, *gates.values())
     close(f"{name}: outputs", Y, Y_own)
     close(f"{name}: state", mc.weights(state)[0], S_own)
-    if mc.rules.is_exact(rule):
+    if is_exact(rule):
         Yc, state_c = mc.scan(mc.init(rule.memory, (S0,), retention=rule.retention, algorithm=rule.algorithm),
                               K, V, Q, bias=rule.bias, chunk=3, **gates)
         close(f"{name}: chunked outputs", Yc, Y_own)

@@ -8,22 +8,18 @@ import builtins
 
 import numpy as np
 
+from .._xp import cupy_namespace
 from .tracer import Box, defvjp, defvjp_argnums, primitive, unbox
-
-_cupy = None
 
 
 def _xp(*xs):
-    global _cupy
+    """numpy, or mirascore's CuPy namespace (matmul capture-safe), from the first array in xs."""
     for x in xs:
         t = type(x)
         if t is np.ndarray:
             return np
         if t.__module__.startswith("cupy"):
-            if _cupy is None:
-                import cupy
-                _cupy = cupy
-            return _cupy
+            return cupy_namespace()
     return np
 
 
@@ -215,7 +211,7 @@ defvjp(clip, lambda ans, x, lo, hi: (lambda m: lambda g: g * m)(_clip_mask(x, lo
 
 @primitive
 def matmul(x, y):
-    return x @ y
+    return _xp(x, y).matmul(x, y)
 
 
 def _matmul_vjp_x(ans, x, y):

@@ -6,7 +6,8 @@ for every cuBLAS call then), and its batched path costs tens of microseconds of 
 per stream, with a fixed workspace, so a capture allocates nothing inside cuBLAS:
 
     C = matmul(A, B)        # A (..., m, k), B (..., k, n), batch dims broadcast -> (..., m, n)
-    set_tf32(True)          # float32 GEMMs may then use TF32 tensor cores (DESIGN §5)
+
+Its settings (TF32 math, workspace size) and its handles live in mirascore.gpu.settings.
 
 Operands are passed without copies when their matrices are row-major or transposed views
 (`x.swapaxes(-1, -2)`) and their batch dims collapse to one stride (or are broadcast, stride 0);
@@ -17,12 +18,11 @@ import math
 
 import numpy as np
 
-WORKSPACE_BYTES = 32 << 20            # cuBLAS's recommendation for Hopper
+from . import settings
+
 _OP_N, _OP_T = 0, 1
 _DEFAULT_MATH, _TF32_MATH = 0, 3
 _lib = None
-_handles = {}                          # (device, stream pointer) -> (handle, workspace)
-_tf32 = False
 
 
 def _library():
@@ -61,19 +61,31 @@ def _handle():
     import cupy
     stream = cupy.cuda.get_current_stream()
     key = (cupy.cuda.Device().id, stream.ptr)
-    entry = _handles.get(key)
+    handles = settings.RESOURCES.blas_handles
+    entry = handles.get(key)
     if entry is None:
         lib = _library()
         handle = ctypes.c_void_p()
         _check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
         _check(lib.cublasSetStream_v2(handle, stream.ptr), "cublasSetStream")
-        workspace = cupy.empty(WORKSPACE_BYTES, dtype=cupy.uint8)
-        _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, WORKSPACE_BYTES),
-               "cublasSetWorkspace")
-        _check(lib.cublasSetMathMode(handle, _TF32_MATH if _tf32 else _DEFAULT_MATH),
-               "cublasSetMathMode")
-        entry = _handles[key] = (handle, workspace)
+        size = settings.current().blas_workspace_bytes
+        workspace = cupy.empty(size, dtype=cupy.uint8)
+        _check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, size), "cublasSetWorkspace")
+        _check(lib.cublasSetMathMode(handle, _math_mode()), "cublasSetMathMode")
+        entry = handles[key] = (handle, workspace)
     return entry[0]
+
+
+def _math_mode():
+    return _TF32_MATH if settings.current().tf32 else _DEFAULT_MATH
+
+
+def apply_math_mode():
+    """Give every existing handle the math mode of the current settings (settings.configure
+    calls this when tf32 changes)."""
+    lib = _library()
+    for handle, _ in settings.RESOURCES.blas_handles.values():
+        _check(lib.cublasSetMathMode(handle, _math_mode()), "cublasSetMathMode")
 
 
 def prepare(workspace=None):
@@ -88,15 +100,8 @@ def prepare(workspace=None):
 
 def set_tf32(enabled):
     """Let float32 GEMMs use TF32 tensor cores (about 1e-3 relative error per product); returns
-    the previous setting."""
-    global _tf32
-    previous, _tf32 = _tf32, bool(enabled)
-    if _handles:
-        lib = _library()
-        for handle, _ in _handles.values():
-            _check(lib.cublasSetMathMode(handle, _TF32_MATH if _tf32 else _DEFAULT_MATH),
-                   "cublasSetMathMode")
-    return previous
+    the previous setting. The same as `settings.configure(tf32=enabled)`."""
+    return settings.configure(tf32=bool(enabled)).tf32
 
 
 def _operand(x, batch):

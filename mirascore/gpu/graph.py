@@ -15,22 +15,19 @@ captured). Per signature — `key`, the structure, and every array's shape and d
   current stream and returns copies of its outputs (the next replay overwrites the buffers);
 - inside a capture of the caller's own, `fn` simply runs (and is recorded into that capture).
 
-At most `MAX_GRAPHS` graphs are kept (least recently used first out); `clear()` frees them and
-`enabled = False` (or MIRASCORE_CUDA_GRAPHS=0 in the environment) turns replay off.
+At most `settings.current().max_graphs` graphs are kept (least recently used first out);
+`clear()` frees them, and `settings.configure(cuda_graphs=False)` (or MIRASCORE_CUDA_GRAPHS=0 in
+the environment) turns replay off. A key that cannot be hashed (a spec holding arrays) runs eagerly.
 """
-import os
 import traceback
 import warnings
-from collections import OrderedDict
 from typing import NamedTuple
 
 from ..autodiff.core import tree_leaves, tree_map
-from . import blas
+from . import blas, settings
 
-MAX_GRAPHS = 8
-enabled = os.environ.get("MIRASCORE_CUDA_GRAPHS", "1") != "0"
 _SEEN, _EAGER = "seen once", "capture failed"
-_graphs = OrderedDict()
+_graphs = settings.RESOURCES.graphs
 
 
 class _Graph(NamedTuple):
@@ -44,12 +41,15 @@ class _Graph(NamedTuple):
 def call(fn, args, key):
     """fn(*args), replayed from a CUDA graph once this signature has been seen before."""
     import cupy
-    if not enabled or cupy.cuda.get_current_stream().is_capturing():
+    if not settings.current().cuda_graphs or cupy.cuda.get_current_stream().is_capturing():
         return fn(*args)                   # inside the caller's own capture: just record the work
     leaves = tree_leaves(args)
     sig = (key, cupy.cuda.Device().id, _structure(args)) + tuple(None if x is None else (x.shape, x.dtype.str)
                                          for x in leaves)
-    entry = _graphs.get(sig)
+    try:
+        entry = _graphs.get(sig)
+    except TypeError:                      # an unhashable key: nothing to remember it by
+        return fn(*args)
     if entry is None:
         _remember(sig, _SEEN)
         return fn(*args)
@@ -78,7 +78,12 @@ def _structure(tree):
 def _remember(sig, entry):
     _graphs[sig] = entry
     _graphs.move_to_end(sig)
-    while len(_graphs) > MAX_GRAPHS:
+    trim()
+
+
+def trim():
+    """Forget the least recently used graphs beyond the `max_graphs` setting."""
+    while len(_graphs) > settings.current().max_graphs:
         _graphs.popitem(last=False)
 
 
@@ -90,7 +95,7 @@ def _capture(fn, args, leaves):
     stream = _capture_stream()
     stream.wait_event(cupy.cuda.get_current_stream().record())
     with cupy.cuda.using_allocator(pool.malloc), stream:
-        workspace = cupy.empty(blas.WORKSPACE_BYTES, dtype=cupy.uint8)
+        workspace = cupy.empty(settings.current().blas_workspace_bytes, dtype=cupy.uint8)
         blas.prepare(workspace)
         inputs = [None if x is None else x.copy() for x in leaves]
         it = iter(inputs)
@@ -116,17 +121,15 @@ def _capture(fn, args, leaves):
     return _Graph(graph, inputs, outputs, pool, workspace)
 
 
-_streams = {}
-
-
 def _capture_stream():
     """The one stream per device that every capture records on (one cuBLAS handle for all of
     them; each graph brings its own workspace)."""
     import cupy
     device = cupy.cuda.Device().id
-    if device not in _streams:
-        _streams[device] = cupy.cuda.Stream(non_blocking=True)
-    return _streams[device]
+    streams = settings.RESOURCES.capture_streams
+    if device not in streams:
+        streams[device] = cupy.cuda.Stream(non_blocking=True)
+    return streams[device]
 
 
 def clear():

@@ -1,7 +1,7 @@
-"""Chunked WY/UT form of the gated delta recurrence, forward and hand-derived backward.
+"""Chunked WY/UT form of the gated delta rule, forward and hand-derived backward.
 
 The recurrence (every rule of DESIGN §4's exact family reduces to it; see
-docs/derivations/chunked-delta.md for the mapping of gates):
+docs/derivations/chunked-delta-rule.md for the mapping of gates):
 
     W_t = α_t W_{t−1} (I − b_t k_t k_tᵀ) + c_t v_t k_tᵀ,        y_t = W_t q_t   (read after the update)
 
@@ -11,28 +11,29 @@ space (g = cumsum log α; only ratios e^{g_t − g_i} with i ≤ t are ever expo
 U = (I + A)⁻¹ (diag(c) V − diag(b e^g) K Sᵀ) come from one unit-lower-triangular inverse per chunk,
 and all chunks are processed at once with batched matmuls; only the chunk-to-chunk state recurrence
 is sequential (as FLA's chunk_gated_delta_rule). The backward pass is derived in
-docs/derivations/scan-backward-delta.md.
+docs/derivations/scan-backward-delta-rule.md.
 
-Array-agnostic (numpy or CuPy, chosen by the arguments). On CuPy arrays the sequential state loop and
-the triangular inverse run as RawKernels from `mirascore.gpu.delta_kernels` (imported lazily), the
-elementwise glue as fused Elementwise/ReductionKernels, and everything else as cuBLAS batched matmuls
-through `mirascore.gpu.blas` (transposed views without copies; TF32 after `blas.set_tf32(True)`).
+Array-agnostic: the array namespace `xp` (numpy, or CuPy with mirascore.gpu.blas's capture-safe
+matmul) and the pieces `ops` are chosen once per call. `ops` is `ArrayPieces` (the formulas, here)
+or, on CuPy where `mirascore.gpu.delta_rule_kernels.supports` the sizes, that module: the same
+functions as RawKernels (the sequential state loop, the triangular inverse) and fused
+Elementwise/ReductionKernels (the glue). Everything else is batched matmuls (TF32 after
+`mirascore.gpu.settings.configure(tf32=True)`).
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from .._xp import matmul as mm
 from .._xp import namespace
 from ..autodiff.numpy import unbroadcast
-from ..autodiff.tracer import Box, defvjp, defvjp_argnums, primitive
+from ..autodiff.structured import defvjp_tree, tree_primitive
 
-__all__ = ["chunk_delta", "chunk_delta_fwd", "chunk_delta_bwd", "DeltaSaved"]
+__all__ = ["delta_rule_scan", "delta_rule_fwd", "delta_rule_bwd", "DeltaRuleSaved"]
 
 _LEAF = 16          # blocks of the triangular inverse solved by row substitution
 
 
-class DeltaSaved(NamedTuple):
+class DeltaRuleSaved(NamedTuple):
     """What the backward pass needs (flattened batch Bn, N chunks of C tokens, padded)."""
     K: object          # (Bn, N, C, d_k)
     V: object          # (Bn, N, C, d_v)
@@ -120,43 +121,55 @@ def _masks(xp, C):
     return incl, strict
 
 
-def _decays(xp, kern, alpha, incl):
+def _decays(xp, ops, alpha):
     """g = cumsum log α per chunk; γ = e^g; λ = e^{g_C − g}; D_ti = e^{g_t − g_i} (i ≤ t)."""
     g = xp.cumsum(xp.log(alpha), axis=-1)
     gam = xp.exp(g)
     gC = g[..., -1]
     lam = xp.exp(gC[..., None] - g)
-    if kern:
-        D = kern.decay_matrix(g)
-    else:      # the exponent is masked before exp: never e^{positive}, never inf · 0
-        D = xp.exp(xp.where(incl, g[..., :, None] - g[..., None, :], -np.inf))
-    return gam, lam, xp.exp(gC), D
+    return gam, lam, xp.exp(gC), ops.decay_matrix(g)
 
 
-# Elementwise glue: one fused pass each on the GPU (mirascore.gpu.delta_kernels), plain
-# expressions otherwise. Same results either way.
+class ArrayPieces:
+    """The chunk's pieces as array formulas (numpy or CuPy). `mirascore.gpu.delta_rule_kernels`
+    has the same functions as CUDA kernels (fused glue, the inverse and the state loop as
+    RawKernels); `_pieces` chooses once per call. Same results either way."""
 
-def _axpby(kern, a, x, b, y):
-    return kern.axpby(a, x, b, y) if kern else a * x + b * y
+    def __init__(self, xp, C):
+        self.xp = xp
+        self.incl, self.strict = _masks(xp, C)
 
+    def decay_matrix(self, g):
+        """D_ti = e^{g_t − g_i} for i ≤ t, else 0; the exponent is masked before exp: never
+        e^{positive}, never inf · 0."""
+        return self.xp.exp(self.xp.where(self.incl, g[..., :, None] - g[..., None, :], -np.inf))
 
-def _rowdot(kern, a, b, axis=-1):
-    return kern.rowdot(a, b, axis) if kern else (a * b).sum(axis=axis)
+    def strict_A(self, b, D, KK):
+        """A_ti = b_t D_ti k_tᵀk_i for i < t, else 0."""
+        return self.xp.where(self.strict, b[..., :, None] * D * KK, 0)
 
+    def bwd_pairs(self, YU, RU, QK, KK, D, b):
+        """From YU = dY Uᵀ and RU = dR Uᵀ: dP ⊙ D, M = diag(b)(dA ⊙ D), E = dD ⊙ D, dA ⊙ D ⊙ KKᵀ."""
+        bt = b[..., :, None]
+        dA = self.xp.where(self.strict, -RU, 0)       # strictly lower part only
+        dAD = dA * D
+        return YU * D, bt * dAD, (YU * QK + bt * dA * KK) * D, dAD * KK    # D is 0 above the diagonal
 
-def _strict_A(xp, kern, b, D, KK, strict):
-    """A_ti = b_t D_ti k_tᵀk_i for i < t, else 0."""
-    return kern.strict_A(b, D, KK) if kern else xp.where(strict, b[..., :, None] * D * KK, 0)
+    @staticmethod
+    def axpby(a, x, b, y):
+        return a * x + b * y
 
+    @staticmethod
+    def rowdot(a, b, axis=-1):
+        return (a * b).sum(axis=axis)
 
-def _bwd_pairs(xp, kern, YU, RU, QK, KK, D, b, strict):
-    """From YU = dY Uᵀ and RU = dR Uᵀ: dP ⊙ D, M = diag(b)(dA ⊙ D), E = dD ⊙ D, dA ⊙ D ⊙ KKᵀ."""
-    if kern:
-        return kern.bwd_pairs(YU, RU, QK, KK, D, b)
-    bt = b[..., :, None]
-    dA = xp.where(strict, -RU, 0)                 # strictly lower part only
-    dAD = dA * D
-    return YU * D, bt * dAD, (YU * QK + bt * dA * KK) * D, dAD * KK    # D is 0 above the diagonal
+    @staticmethod
+    def unit_lower_inverse(A):
+        return unit_lower_inverse(A)
+
+    @staticmethod
+    def state_scan(*args, **kwargs):
+        return state_scan(*args, **kwargs)
 
 
 def _exclusive_cumsum(xp, x):
@@ -174,7 +187,7 @@ def unit_lower_inverse(A):
         idx = xp.arange(n)
         Ti[..., idx, idx] = 1
         for i in range(1, n):
-            Ti[..., i, :i] = -mm(A[..., i:i + 1, :i], Ti[..., :i, :i])[..., 0, :]
+            Ti[..., i, :i] = -xp.matmul(A[..., i:i + 1, :i], Ti[..., :i, :i])[..., 0, :]
         return Ti
     h = n // 2
     if n == 2 * h:
@@ -185,7 +198,7 @@ def unit_lower_inverse(A):
     Ti = xp.zeros_like(A)
     Ti[..., :h, :h] = X
     Ti[..., h:, h:] = Z
-    Ti[..., h:, :h] = -mm(Z, mm(A[..., h:, :h], X))
+    Ti[..., h:, :h] = -xp.matmul(Z, xp.matmul(A[..., h:, :h], X))
     return Ti
 
 
@@ -204,54 +217,53 @@ def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=Fal
     X = X0
     for n in (range(N - 1, -1, -1) if reverse else range(N)):
         Xs[:, n] = X
-        On = A[:, n] + sign_a * mm(P[:, n], _swap(X))
+        On = A[:, n] + sign_a * xp.matmul(P[:, n], _swap(X))
         O[:, n] = On
-        X = decay[:, n, None, None] * X + sign_b * mm(_swap(On), Qm[:, n])
+        X = decay[:, n, None, None] * X + sign_b * xp.matmul(_swap(On), Qm[:, n])
         if H is not None:
             X = X + H[:, n]
     return Xs, O, X
 
 
-def _kernels(xp, use, dt, d_v, d_k, C):
-    """The GPU kernel module when it should (and can) be used, else None."""
+def _pieces(xp, use, dt, d_v, d_k, C):
+    """The GPU kernels where they should (and can) be used, else the array formulas."""
     if xp is np or use is False:
-        return None
-    from ..gpu import delta_kernels
-    ok = delta_kernels.supports(dt, d_v, d_k, C)
+        return ArrayPieces(xp, C)
+    from ..gpu import delta_rule_kernels
+    ok = delta_rule_kernels.supports(dt, d_v, d_k, C)
     if use is True and not ok:
-        raise ValueError(f"GPU delta kernels do not support dtype {dt}, d_v={d_v}, d_k={d_k}, chunk={C}")
-    return delta_kernels if ok else None
+        raise ValueError(f"GPU delta-rule kernels do not support dtype {dt}, d_v={d_v}, d_k={d_k}, "
+                         f"chunk={C}")
+    return delta_rule_kernels if ok else ArrayPieces(xp, C)
 
 
 # ---------------------------------------------------------------- forward and backward
 
-def chunk_delta_fwd(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
+def delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
     """Forward pass: (Y (..., T, d_v), W_T (..., d_v, d_k), saved).
 
-    `kernels`: "auto" (CuPy arrays use mirascore.gpu.delta_kernels where supported), True (must use
+    `kernels`: "auto" (CuPy arrays use mirascore.gpu.delta_rule_kernels where supported), True (must use
     them), False (batched-matmul path only).
     """
     xp, dt, batch, T, shapes, (W0f, Kc, Vc, Qc, ac, bc, cc) = _prepare(W0, K, V, Q, alpha, b, c, chunk)
     Bn, N, C, d_k = Kc.shape
     d_v = Vc.shape[-1]
-    kern = _kernels(xp, kernels, dt, d_v, d_k, C)
-    incl, strict = _masks(xp, C)
-    gam, lam, gamC, D = _decays(xp, kern, ac, incl)
-    A = _strict_A(xp, kern, bc, D, mm(Kc, _swap(Kc)), strict)
-    Tinv = kern.unit_lower_inverse(A) if kern else unit_lower_inverse(A)
+    ops = _pieces(xp, kernels, dt, d_v, d_k, C)
+    gam, lam, gamC, D = _decays(xp, ops, ac)
+    A = ops.strict_A(bc, D, xp.matmul(Kc, _swap(Kc)))
+    Tinv = ops.unit_lower_inverse(A)
     del A
-    Wm = mm(Tinv * (bc * gam)[..., None, :], Kc)     # (I+A)⁻¹ diag(bγ) K
-    Um = mm(Tinv * cc[..., None, :], Vc)             # (I+A)⁻¹ diag(c) V
-    scan = kern.state_scan if kern else state_scan
-    states, U, W_T = scan(Um, Wm, lam[..., None] * Kc, gamC, W0f)     # U = Um − Wm Sᵀ per chunk
+    Wm = xp.matmul(Tinv * (bc * gam)[..., None, :], Kc)     # (I+A)⁻¹ diag(bγ) K
+    Um = xp.matmul(Tinv * cc[..., None, :], Vc)             # (I+A)⁻¹ diag(c) V
+    states, U, W_T = ops.state_scan(Um, Wm, lam[..., None] * Kc, gamC, W0f)     # U = Um − Wm Sᵀ per chunk
     del Wm, Um
-    PU = mm(D * mm(Qc, _swap(Kc)), U)
-    Y = _axpby(kern, gam[..., None], mm(Qc, _swap(states)), dt.type(1), PU)
-    saved = DeltaSaved(Kc, Vc, Qc, ac, bc, cc, states, Tinv, (batch, T, shapes, kernels))
+    PU = xp.matmul(D * xp.matmul(Qc, _swap(Kc)), U)
+    Y = ops.axpby(gam[..., None], xp.matmul(Qc, _swap(states)), dt.type(1), PU)
+    saved = DeltaRuleSaved(Kc, Vc, Qc, ac, bc, cc, states, Tinv, (batch, T, shapes, kernels))
     return _unflat(Y, batch, T), W_T.reshape(batch + (d_v, d_k)), saved
 
 
-def chunk_delta_bwd(saved, dY, dW_T):
+def delta_rule_bwd(saved, dY, dW_T):
     """Backward pass: (dW0, dK, dV, dQ, dalpha, db, dc), each shaped like its argument.
 
     dY (..., T, d_v) and dW_T (..., d_v, d_k) may be None (zero cotangent).
@@ -261,14 +273,14 @@ def chunk_delta_bwd(saved, dY, dW_T):
     Bn, N, C, d_k = Kc.shape
     d_v = Vc.shape[-1]
     one = Kc.dtype.type(1)
-    kern = _kernels(xp, kernels, Kc.dtype, d_v, d_k, C)
+    ops = _pieces(xp, kernels, Kc.dtype, d_v, d_k, C)
     incl, strict = _masks(xp, C)
-    gam, lam, gamC, D = _decays(xp, kern, ac, incl)
-    KK = mm(Kc, _swap(Kc))
-    QK = mm(Qc, _swap(Kc))
-    KS = mm(Kc, _swap(S))                              # K Sᵀ      (Bn, N, C, d_v)
+    gam, lam, gamC, D = _decays(xp, ops, ac)
+    KK = xp.matmul(Kc, _swap(Kc))
+    QK = xp.matmul(Qc, _swap(Kc))
+    KS = xp.matmul(Kc, _swap(S))                              # K Sᵀ      (Bn, N, C, d_v)
     bg = bc * gam
-    U = mm(Tinv, _axpby(kern, cc[..., None], Vc, -bg[..., None], KS))   # 𝒯 R
+    U = xp.matmul(Tinv, ops.axpby(cc[..., None], Vc, -bg[..., None], KS))   # 𝒯 R
 
     if dY is None:
         dYc = xp.zeros_like(Vc)
@@ -285,39 +297,37 @@ def chunk_delta_bwd(saved, dY, dW_T):
 
     # ---- all chunks at once: the parts of dR and dS that do not depend on the carried dS
     TinvT = _swap(Tinv)
-    X1 = mm(TinvT, mm(_swap(D * QK), dYc))     # 𝒯ᵀ Pᵀ dY
-    X2 = mm(TinvT * lam[..., None, :], Kc)            # 𝒯ᵀ diag(λ) K
-    H = mm(_swap(dYc), gam[..., None] * Qc)           # dYᵀ diag(γ) Q
+    X1 = xp.matmul(TinvT, xp.matmul(_swap(D * QK), dYc))     # 𝒯ᵀ Pᵀ dY
+    X2 = xp.matmul(TinvT * lam[..., None, :], Kc)            # 𝒯ᵀ diag(λ) K
+    H = xp.matmul(_swap(dYc), gam[..., None] * Qc)           # dYᵀ diag(γ) Q
     G = bg[..., None] * Kc                                    # diag(bγ) K
     # ---- sequential, last chunk first: dSp[n] = gradient at the end of chunk n, dR[n]
-    scan = kern.state_scan if kern else state_scan
-    dSp, dR, dW0 = scan(X1, X2, G, gamC, dWT, H, 1.0, -1.0, True)
+    dSp, dR, dW0 = ops.state_scan(X1, X2, G, gamC, dWT, H, 1.0, -1.0, True)
     del X1, X2, H, G
 
     # ---- all chunks at once again
-    dPD, M, E, F = _bwd_pairs(xp, kern, mm(dYc, _swap(U)), mm(dR, _swap(U)), QK, KK, D, bc,
-                              strict)
+    dPD, M, E, F = ops.bwd_pairs(xp.matmul(dYc, _swap(U)), xp.matmul(dR, _swap(U)), QK, KK, D, bc)
     del KK
-    UdS = mm(U, dSp)                                   # row i: (dS'ᵀ u_i)ᵀ
-    dQ = _axpby(kern, one, mm(dPD, Kc), gam[..., None], mm(dYc, S))
-    dK = mm(_swap(dPD), Qc)
-    dK += mm(M + _swap(M), Kc)                         # K Kᵀ enters A twice
-    dK += _axpby(kern, lam[..., None], UdS, -bg[..., None], mm(dR, S))
+    UdS = xp.matmul(U, dSp)                                   # row i: (dS'ᵀ u_i)ᵀ
+    dQ = ops.axpby(one, xp.matmul(dPD, Kc), gam[..., None], xp.matmul(dYc, S))
+    dK = xp.matmul(_swap(dPD), Qc)
+    dK += xp.matmul(M + _swap(M), Kc)                         # K Kᵀ enters A twice
+    dK += ops.axpby(lam[..., None], UdS, -bg[..., None], xp.matmul(dR, S))
     del dPD, M
     dV = cc[..., None] * dR
-    dc = _rowdot(kern, dR, Vc)
-    rho = -_rowdot(kern, dR, KS)                              # cotangent of b ⊙ γ
+    dc = ops.rowdot(dR, Vc)
+    rho = -ops.rowdot(dR, KS)                              # cotangent of b ⊙ γ
     db = gam * rho + F.sum(axis=-1)
-    dgam = _rowdot(kern, dYc, mm(Qc, _swap(S))) + bc * rho
-    dlam = _rowdot(kern, UdS, Kc)
+    dgam = ops.rowdot(dYc, xp.matmul(Qc, _swap(S))) + bc * rho
+    dlam = ops.rowdot(UdS, Kc)
     # d log α_j collects only the decays that contain α_j, so nothing large cancels (α_j = 1e-6 in
     # float32 stays accurate): pairs i < j ≤ t of E, γ_t for t ≥ j, λ_i for i < j, and γ_C.
     # (prefix sums are exclusive by construction, never inclusive − self, which would cancel again;
     # Σ_{i<j} E_ti is the matmul E · strict_upper_ones)
-    cross = _rowdot(kern, mm(E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
+    cross = ops.rowdot(xp.matmul(E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
     dlog = (cross + xp.flip(xp.cumsum(xp.flip(dgam * gam, axis=-1), axis=-1), axis=-1)
             + _exclusive_cumsum(xp, dlam * lam)
-            + (gamC * _rowdot(kern, dSp.reshape(Bn, N, -1), S.reshape(Bn, N, -1)))[..., None])
+            + (gamC * ops.rowdot(dSp.reshape(Bn, N, -1), S.reshape(Bn, N, -1)))[..., None])
     dalpha = dlog / ac
 
     out = (dW0.reshape(batch + (d_v, d_k)), _unflat(dK, batch, T), _unflat(dV, batch, T),
@@ -328,71 +338,23 @@ def chunk_delta_bwd(saved, dY, dW_T):
 
 # ---------------------------------------------------------------- the autodiff primitive
 
-class _DeltaOut(NamedTuple):
-    Y: object
-    W_T: object
-    saved: DeltaSaved
-
-
-class _Cotangent(NamedTuple):
-    """Cotangent of _DeltaOut: (dY, dW_T), None meaning zero; adds field by field."""
-    dY: object
-    dW_T: object
-
-    def __add__(self, other):
-        def plus(a, b):
-            return b if a is None else a if b is None else a + b
-        return _Cotangent(plus(self.dY, other.dY), plus(self.dW_T, other.dW_T))
-
-
-@primitive
-def _chunk_delta_core(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
-    return _DeltaOut(*chunk_delta_fwd(W0, K, V, Q, alpha, b, c, chunk, kernels))
-
-
-@primitive
-def _output_Y(out):
-    return out.Y
-
-
-@primitive
-def _output_W_T(out):
-    return out.W_T
-
-
-@primitive
-def chunk_delta_bwd_primitive(out, dY, dW_T):
-    """The VJP as an operation with no VJP of its own: grad of grad through chunk_delta raises."""
-    return chunk_delta_bwd(out.saved, dY, dW_T)
-
-
-chunk_delta_bwd_primitive.__name__ = "chunk_delta_bwd"
-
-defvjp(_output_Y, lambda ans, out: lambda g: _Cotangent(g, None))
-defvjp(_output_W_T, lambda ans, out: lambda g: _Cotangent(None, g))
-
-
-def _core_vjp(argnums, ans, args, kwargs):
-    def vjp(g):
-        grads = chunk_delta_bwd_primitive(ans, g.dY, g.dW_T)
-        return tuple(grads[i] for i in argnums)
-    return vjp
-
-
-defvjp_argnums(_chunk_delta_core, _core_vjp)
-
-
-def chunk_delta(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
-    """The gated delta recurrence, chunked and differentiable: returns (Y, W_T).
+@tree_primitive
+def delta_rule_scan(W0, K, V, Q, alpha, b, c, *, chunk=64, kernels="auto"):
+    """The gated delta rule, chunked and differentiable: returns (Y, W_T).
 
         W_t = α_t W_{t−1} (I − b_t k_t k_tᵀ) + c_t v_t k_tᵀ,   y_t = W_t q_t
 
     W0 (..., d_v, d_k); K, Q (..., T, d_k); V (..., T, d_v); alpha, b, c broadcast against (..., T);
     α ∈ (0, 1], b, c ≥ 0 (not checked here: `mc.scan` validates). Any `chunk` ≥ 1 gives the same
-    result up to rounding. One primitive of mirascore.autodiff with a hand-derived backward pass for
-    all seven array arguments (docs/derivations/scan-backward-delta.md); not differentiable twice.
+    result up to rounding. One tree primitive of mirascore.autodiff with a hand-derived backward
+    pass for all seven array arguments (docs/derivations/scan-backward-delta-rule.md); first order.
     """
-    out = _chunk_delta_core(W0, K, V, Q, alpha, b, c, chunk=chunk, kernels=kernels)
-    if type(out) is not Box:
-        return out.Y, out.W_T
-    return _output_Y(out), _output_W_T(out)
+    Y, W_T, saved = delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk, kernels)
+    return (Y, W_T), saved
+
+
+def _delta_rule_vjp(result, saved, args, kwargs):
+    return lambda g: delta_rule_bwd(saved, g[0], g[1])
+
+
+defvjp_tree(delta_rule_scan, _delta_rule_vjp)

@@ -1,5 +1,5 @@
 // CUDA kernels of the chunked delta recurrence (mirascore/chunk/delta.py), compiled by CuPy's
-// RawModule from mirascore/gpu/delta_kernels.py with -DREAL=float (BV=32) or -DREAL=double (BV=16).
+// RawModule from mirascore/gpu/delta_rule_kernels.py with -DREAL=float (BV=32) or -DREAL=double (BV=16).
 // Arithmetic and accumulation are in REAL throughout (fp32 accumulation for float).
 //
 // unit_lower_inverse: (I + A)^-1 of a strictly lower triangular C x C block, C <= 64.

@@ -1,8 +1,11 @@
-"""Input validation and gate broadcasting (DESIGN §2, last list).
+"""Validation at the boundary of step / scan / init / recall (docs/contract.md §2, last list).
 
 Every bad input raises `ValueError` naming the argument and the sizes or values involved; nothing
-is clipped or ignored silently. The checks cost one reduction per array (`isfinite(...).all()`,
-fused with the range test for gates); values are looked at in detail only to word an error.
+is clipped or ignored silently. Shapes, specs and hyperparameters are checked on the host, from
+the arrays' metadata alone. The values themselves (finite inputs, gates within their ranges) are
+looked at only with `check_finite=True` (scipy's convention): one reduction per array and one
+device-to-host transfer per check, which a caller that has validated upstream, or that records
+a CUDA graph, turns off with `check_finite=False`.
 """
 import math
 import numbers
@@ -46,19 +49,14 @@ def choice(name, x, options):
     return x
 
 
-# ---------------------------------------------------------------- gates inside the spec methods
-
-def expand(g, n):
-    """The one gate-broadcasting helper: a gate shaped like the batch dims (...) (or a Python
-    number) made to broadcast against arrays with n more trailing axes, (...) -> (..., 1 × n)."""
-    if isinstance(g, numbers.Number):
-        return g
-    for _ in range(n):
-        g = anp.expand_dims(g, -1)
-    return g
+def flag(name, x):
+    """A bool keyword (check_finite)."""
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+    return x
 
 
-# ---------------------------------------------------------------- arrays and gates of step/scan
+# ---------------------------------------------------------------- values (check_finite=True)
 
 # name: (low, low closed, high, high closed): lr ≥ 0, α ∈ (0, 1], δ > 0, β ∈ [0, 1)
 _GATE_RANGES = {"lr": (0.0, True, math.inf, True), "alpha": (0.0, False, 1.0, True),
@@ -72,15 +70,9 @@ def finite(name, x):
         raise ValueError(f"{name} contains non-finite values (NaN or inf); shape {tuple(x.shape)}")
 
 
-def gate(name, g, xp, dtype, shape, shape_words):
-    """Gate `name` as an array of the compute dtype; it must broadcast to `shape` (described by
-    `shape_words`), be finite and lie in its range. Returns the array in its own (small) shape,
-    still boxed if it is being differentiated."""
-    boxed = g
-    g = xp.asarray(unbox(g))   # checked in its own precision, then cast to the compute dtype
-    if _broadcast(g.shape, shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {g.shape}, which does not broadcast to {tuple(shape)} "
-                         f"({shape_words})")
+def gate_range(name, g):
+    """Gate `name` (a raw array) must be finite and lie in its range."""
+    xp = namespace(g)
     lo, lo_closed, hi, hi_closed = _GATE_RANGES[name]
     inside = xp.isfinite(g) & (g >= lo if lo_closed else g > lo) & (g <= hi if hi_closed else g < hi)
     if not bool(inside.all()):
@@ -89,10 +81,19 @@ def gate(name, g, xp, dtype, shape, shape_words):
                     + ("∞)" if hi == math.inf else f"{hi:g}{']' if hi_closed else ')'}"))
         raise ValueError(f"{name} must be finite and in {interval}; {bad.size} value(s) are not, "
                          f"e.g. {bad.ravel()[:4].tolist()}")
-    if boxed is not unbox(boxed):
-        return anp.astype(boxed, dtype) if g.dtype != dtype else boxed
-    return g.astype(dtype, copy=False)
 
+
+def alpha_is_one(alpha, retention):
+    """A gate without decay (uses_alpha False, e.g. none()) takes α = 1 only."""
+    raw = namespace(unbox(alpha)).asarray(unbox(alpha))
+    if bool((raw != 1).any()):
+        bad = to_numpy(raw)
+        raise ValueError(f"alpha must be 1 with retention {retention!r}, which keeps everything "
+                         f"(use retention.l2() for a decaying memory); got e.g. "
+                         f"{bad[bad != 1].ravel()[:4].tolist()}")
+
+
+# ---------------------------------------------------------------- shapes
 
 def _broadcast(*shapes):
     try:
@@ -101,17 +102,19 @@ def _broadcast(*shapes):
         return None
 
 
+def _dims(shape):
+    return ", ".join(map(str, shape))
+
+
 def last_axis(name, x, d, what):
     """x: (..., d)."""
     if x.ndim < 1 or x.shape[-1] != d:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; its last axis must be {what} = {d}")
 
 
-# ---------------------------------------------------------------- specs and states
-
 def params(memory, params):
-    """Parameters for `memory`: right count and trailing shapes, batch dims that broadcast,
-    finite values. Returns the broadcast batch shape."""
+    """Parameters for `memory`: right count and trailing shapes, batch dims that broadcast.
+    Returns the broadcast batch shape."""
     shapes = memory.param_shapes()
     if len(params) != len(shapes):
         wanted = ", ".join(f"(..., {_dims(s)})" for s in shapes)
@@ -126,21 +129,17 @@ def params(memory, params):
     batch = _broadcast(*batches)
     if batch is None:
         raise ValueError(f"params have batch shapes {batches}, which do not broadcast together")
-    for i, p in enumerate(params):
-        finite(f"params[{i}]", p)
     return batch
 
 
-def _dims(shape):
-    return ", ".join(map(str, shape))
+def gate_shape(name, g, shape, shape_words):
+    """Gate `name` must broadcast to `shape` (described by `shape_words`)."""
+    if _broadcast(np.shape(unbox(g)), shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {np.shape(unbox(g))}, which does not broadcast to "
+                         f"{tuple(shape)} ({shape_words})")
 
 
-def spec(name, x, method):
-    """x must be a spec of kind `name` (it has `method`), e.g. a retention gate, not a bias."""
-    if not hasattr(x, method):
-        raise ValueError(f"{name}={x!r} is not a {name} spec (it has no {method}()); "
-                         f"use one of mirascore.{name}'s factories")
-
+# ---------------------------------------------------------------- specs
 
 def spec_match(state, retention, algorithm):
     """A retention=/algorithm= given to step or scan must equal the state's."""
@@ -151,45 +150,33 @@ def spec_match(state, retention, algorithm):
                              f"start a state with it via mc.init(..., {name}=...)")
 
 
-def implicit_fits(memory, retention, bias=None):
-    """implicit() (Longhorn) is derived only for l2 bias, linear memory and none() retention."""
-    parts = [("memory", memory.name, "linear"), ("retention", retention.name, "none")]
-    if bias is not None:
-        parts.append(("bias", bias.name, "l2"))
-    wrong = [f"{what} {got!r}" for what, got, want in parts if got != want]
-    if wrong:
-        raise ValueError("algorithm implicit() needs l2 bias, linear memory and none() retention; "
-                         "got " + ", ".join(wrong))
-
-
 def gate_options(state, bias, delta, beta):
-    """Which optional gates this rule takes: δ exactly when huber has no static δ, β exactly for
-    momentum."""
-    if bias.needs_delta and delta is None:
+    """Which optional gates this rule takes: δ exactly when the bias takes a per-token δ
+    (`needs_delta`), β exactly for an algorithm with momentum (`uses_momentum`)."""
+    if getattr(bias, "needs_delta", False) and delta is None:
         raise ValueError(f"{bias!r} has no static delta: pass the per-token delta= gate")
-    if delta is not None and not bias.needs_delta:
-        if bias.name == "huber":
-            raise ValueError(f"delta given twice: huber(delta={bias.delta!r}) and delta=; give one")
-        raise ValueError(f"delta= is a gate of huber(delta=None) only; bias {bias.name!r} takes none")
-    momentum = state.algorithm.name == "momentum"
+    if delta is not None and not getattr(bias, "needs_delta", False):
+        raise ValueError(f"delta= is the per-token gate of a bias without a static δ "
+                         f"(huber(delta=None)); {bias!r} takes none (delta given twice?)")
+    momentum = state.algorithm.uses_momentum
     if momentum and beta is None:
-        raise ValueError("algorithm momentum() needs the beta= gate (momentum decay, in [0, 1))")
+        raise ValueError(f"algorithm {state.algorithm!r} needs the beta= gate (momentum decay, "
+                         f"in [0, 1))")
     if beta is not None and not momentum:
-        raise ValueError(f"beta= is a gate of momentum() only; the state's algorithm is "
-                         f"{state.algorithm.name!r}")
-    if state.algorithm.name == "implicit":
-        implicit_fits(state.memory, state.retention, bias)
+        raise ValueError(f"beta= is the momentum gate; the state's algorithm {state.algorithm!r} "
+                         f"has no momentum")
 
 
-def call(state, bias, retention, algorithm, arrays, gates, *, time=False):
+# ---------------------------------------------------------------- one step / scan call
+
+def inputs(state, bias, retention, algorithm, arrays, gates, *, time, check_finite):
     """Validate one step (time=False) or scan (time=True: T from the first array) call.
 
     arrays: (name, array, size of its last axis, name of that size) for k, v or K, V, Q, whose
     time axis (scan) is second to last. gates: {name: value or None}. Returns (xp, dtype, arrays as
     xp arrays, {name: gate array or None}); the gates have the compute dtype, the result dtype of
-    the state's params and the arrays.
+    the state's params and the arrays, and keep their own (small) shapes.
     """
-    spec("bias", bias, "psi")
     spec_match(state, retention, algorithm)
     gate_options(state, bias, gates.get("delta"), gates.get("beta"))
     xp = namespace(*map(unbox, (*state.params, *(a for _, a, _, _ in arrays), *gates.values())))
@@ -212,15 +199,28 @@ def call(state, bias, retention, algorithm, arrays, gates, *, time=False):
             shapes = {n: tuple(x.shape) for n, x, _, _ in arrays}
             raise ValueError(f"the batch dims of params {[tuple(p.shape) for p in state.params]} "
                              f"and of the inputs {shapes} do not broadcast together")
-    for name, a, _, _ in arrays:
-        finite(name, a)
-    dtype = xp.result_type(*map(unbox, (*state.params, *(a for _, a, _, _ in arrays))))
     words = "the batch dims (...)" if not lead else "the batch dims and time, (..., T)"
-    out = {name: None if g is None else gate(name, g, xp, dtype, batch + tuple(lead), words)
-           for name, g in gates.items()}
-    alpha = out.get("alpha")
-    if state.retention.name == "none" and alpha is not None and bool((unbox(alpha) != 1).any()):
-        bad = to_numpy(unbox(alpha))
-        raise ValueError(f"alpha must be 1 with retention none(), which keeps everything (use "
-                         f"retention.l2() for a decaying memory); got e.g. {bad[bad != 1].ravel()[:4].tolist()}")
+    for name, g in gates.items():
+        if g is not None:
+            gate_shape(name, g, batch + tuple(lead), words)
+    if check_finite:
+        for i, p in enumerate(state.params):
+            finite(f"params[{i}]", p)
+        for name, a, _, _ in arrays:
+            finite(name, a)
+        for name, g in gates.items():
+            if g is not None:
+                gate_range(name, xp.asarray(unbox(g)))   # in its own precision
+        if gates.get("alpha") is not None and not getattr(state.retention, "uses_alpha", True):
+            alpha_is_one(gates["alpha"], state.retention)
+    dtype = xp.result_type(*map(unbox, (*state.params, *(a for _, a, _, _ in arrays))))
+    out = {name: None if g is None else _as_dtype(g, xp, dtype) for name, g in gates.items()}
     return xp, dtype, tuple(a for _, a, _, _ in arrays), out
+
+
+def _as_dtype(g, xp, dtype):
+    """A gate as an array of the compute dtype, still boxed if it is being differentiated."""
+    raw = xp.asarray(unbox(g))
+    if g is not unbox(g):
+        return anp.astype(g, dtype) if raw.dtype != dtype else g
+    return raw.astype(dtype, copy=False)

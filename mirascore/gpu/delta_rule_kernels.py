@@ -1,6 +1,6 @@
-"""CuPy RawKernels for the chunked delta recurrence (mirascore.chunk.delta).
+"""CuPy kernels for the chunked delta rule (mirascore.chunk.delta_rule): its `pieces` on the GPU.
 
-Two kernels (source: delta_kernels.cu beside this file), compiled lazily on first use and cached
+Two kernels (source: delta_rule_kernels.cu beside this file), compiled lazily on first use and cached
 per dtype (float32: fp32 arithmetic and accumulation; float64 for tests):
 
 - `unit_lower_inverse(A)`: (I + A)⁻¹ of each strictly lower C × C block (C ≤ 64), by forward
@@ -9,11 +9,13 @@ per dtype (float32: fp32 arithmetic and accumulation; float64 for tests):
   chunk-to-chunk loop of the forward (states, pseudo-values U) and backward (dS, dR) passes, fused
   into one launch; each thread block keeps a BV × d_k tile of the state in shared memory for the whole
   sequence (register-tiled, Qm staged through shared memory). Same contract as
-  `mirascore.chunk.delta.state_scan` (the batched-matmul version).
+  `mirascore.chunk.delta_rule.state_scan` (the batched-matmul version).
 
 Elementwise glue, fused so that each runs as one pass over memory (CuPy ElementwiseKernel /
 ReductionKernel, compiled on first call): `decay_matrix`, `strict_A`, `bwd_pairs`, `axpby`, `rowdot`.
-Everything else in the chunked algorithm is cuBLAS batched matmuls via cupy.matmul.
+The same names as `mirascore.chunk.delta_rule.ArrayPieces` (the formulas), which the chunk code
+uses instead on numpy or for sizes `supports` rejects. Everything else is cuBLAS batched matmuls
+(mirascore.gpu.blas).
 
 Outputs of the RawKernels are allocated with `_empty`, which tests replace with a NaN-filled
 allocator (poison) to catch entries a kernel forgets to write. This module imports CuPy; nothing
@@ -24,7 +26,7 @@ import os
 import cupy
 import numpy as np
 
-_SOURCE_PATH = os.path.join(os.path.dirname(__file__), "delta_kernels.cu")
+_SOURCE_PATH = os.path.join(os.path.dirname(__file__), "delta_rule_kernels.cu")
 _MAX_C, _MAX_K, _NT = 64, 128, 256
 _BV = {np.dtype(np.float32): 32, np.dtype(np.float64): 16}
 # state_scan is latency-bound: two resident blocks per SM (registers capped at 128 per thread)
@@ -68,7 +70,7 @@ def unit_lower_inverse(A):
 
 
 def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=False):
-    """Fused sequential loop; see mirascore.chunk.delta.state_scan for the contract."""
+    """Fused sequential loop; see mirascore.chunk.delta_rule.state_scan for the contract."""
     dt = A.dtype
     Bn, N, C, dv = A.shape
     dk = P.shape[-1]
