@@ -119,6 +119,15 @@ def memory_apply(memory):
     return _memory_methods(memory, ("apply",), "mc.recall").apply
 
 
+def memory_gradients(memory):
+    """(apply, grad, grad_input or None) of a memory, its own or derived (mirascore.testing)."""
+    methods = _memory_methods(memory, ("apply", "grad"), "mirascore.testing.check_memory")
+    grad_input = getattr(memory, "grad_input", None)
+    if grad_input is None and hasattr(memory, "forward") and hasattr(memory, "backward"):
+        grad_input = lambda params, k, psi: _memory.grad_input_by_backward(memory, params, k, psi)  # noqa: E731
+    return methods.apply, methods.grad, grad_input
+
+
 def require(kind, spec, names, purpose):
     """Raise MissingMethodError unless `spec` has every attribute in `names`."""
     for name in names:

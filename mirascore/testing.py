@@ -9,7 +9,11 @@ A new attentional bias, memory or retention gate is a NamedTuple with the method
   ⟨ψ, apply(params, k)⟩ w.r.t. the parameters and the key;
 - `check_retention(retention, s_prev, G, lr, alpha)`: the closed-form `update(s_prev, -lr*G, alpha)`
   minimises the gate's `objective(s, s_prev, G, lr, alpha)` (scipy.optimize on small sizes, compared
-  through `expose`; gates with an l1 term are checked by their subgradient optimality conditions).
+  through `expose`; gates with an l1 term are checked by their subgradient optimality conditions),
+  and equals prox(α·canonical(s_prev) + U), the per-token rule of the chunked scan;
+- `check_vjps(spec, *point)`: every VJP a bias or gate writes by hand (`psi_vjp`, `expose_vjp`,
+  `canonical_vjp`, `prox_vjp`, `read_scale_vjp`, `anchor_vjp`) equals autodiff of the map it
+  differentiates; the ones a spec leaves out are derived by autodiff in mc.scan, so need no check.
 
 Each check computes in float64 and raises AssertionError with a message that names the rule, the
 quantity that is wrong and where. The strategies (`arrays`, `batch_shapes`, `memory_params`,
@@ -29,11 +33,13 @@ import numpy as np
 
 import mirascore.autodiff as ad
 import mirascore.autodiff.numpy as anp
+from mirascore import protocols
 from mirascore._xp import to_numpy
+from mirascore.retention import update_from_pieces
 
 __all__ = [
     "arrays", "batch_shapes", "memory_params", "tokens", "lrs", "alphas", "betas", "deltas",
-    "check_bias", "check_memory", "check_retention", "assert_close",
+    "check_bias", "check_memory", "check_retention", "check_vjps", "assert_close",
 ]
 
 
@@ -105,7 +111,9 @@ def check_bias(bias, y, v, delta=None, *, rtol=1e-7, atol=1e-10):
 
 
 def check_memory(memory, params, k, psi, *, rtol=1e-7, atol=1e-10):
-    """Check `memory.grad` and `memory.grad_input` against autodiff of ⟨ψ, apply(params, k)⟩.
+    """Check `memory.grad` and `memory.grad_input` against autodiff of ⟨ψ, apply(params, k)⟩
+    (for a memory that writes only forward/backward, the ones derived from them; grad_input is
+    skipped for a memory that has neither it nor a backward).
 
     params: a tuple with one array per entry of `memory.param_shapes()`, each with the batch shape
     (...) of k in front; k: (..., d_in); psi: (..., d_out), the cotangent at the memory's output.
@@ -114,23 +122,25 @@ def check_memory(memory, params, k, psi, *, rtol=1e-7, atol=1e-10):
     params = tuple(_f64(p) for p in params)
     k, psi = _f64(k), _f64(psi)
     ctx = _inputs(**{f"params[{i}]": p for i, p in enumerate(params)}, k=k, psi=psi)
-    y = memory.apply(params, k)
+    apply, grad, grad_input = protocols.memory_gradients(memory)
+    y = apply(params, k)
     if tuple(np.shape(y)) != psi.shape:
         raise AssertionError(f"{memory!r}: apply returned shape {np.shape(y)}, psi has {psi.shape}{ctx}")
 
     def inner(P, kk):
-        return anp.sum(memory.apply(P, kk) * psi)
+        return anp.sum(apply(P, kk) * psi)
 
     auto_p, auto_k = ad.grad(inner, argnums=(0, 1))(params, k)
-    hand_p = memory.grad(params, k, psi)
+    hand_p = grad(params, k, psi)
     if len(hand_p) != len(params):
         raise AssertionError(f"{memory!r}: grad returned {len(hand_p)} arrays for {len(params)} "
                              f"parameters{ctx}")
     for i, (h, a) in enumerate(zip(hand_p, auto_p)):
         assert_close(f"{memory!r}: grad(params, k, psi)[{i}] (params[{i}], shape {params[i].shape}) "
                      f"vs autodiff", h, a, rtol=rtol, atol=atol, context=ctx)
-    assert_close(f"{memory!r}: grad_input(params, k, psi) (k) vs autodiff",
-                 memory.grad_input(params, k, psi), auto_k, rtol=rtol, atol=atol, context=ctx)
+    if grad_input is not None:
+        assert_close(f"{memory!r}: grad_input(params, k, psi) (k) vs autodiff",
+                     grad_input(params, k, psi), auto_k, rtol=rtol, atol=atol, context=ctx)
 
 
 def check_retention(retention, s_prev, G, lr, alpha=1.0, *, smooth=None, rtol=1e-5, atol=1e-8):
@@ -143,19 +153,26 @@ def check_retention(retention, s_prev, G, lr, alpha=1.0, *, smooth=None, rtol=1e
     through `expose` (the stored quantity may be defined only up to an invariance, like the row
     constants of kl's logits), and the closed form must reach an objective value no worse than the
     numerical one.
-    `smooth=False` declares a convex objective that is smooth plus a separable l1 term (None: only
-    for the gate named "elastic_net"); it is not differentiable where entries are zero, so the
-    closed form is checked by the subgradient optimality conditions, entry by entry, instead.
+    `smooth=False` declares a convex objective that is smooth plus a separable l1 term (None: the
+    gate's `objective_is_smooth` attribute, True when absent); it is not differentiable where
+    entries are zero, so the closed form is checked by the subgradient optimality conditions,
+    entry by entry, instead.
     Raises AssertionError naming the gate and the first wrong entry.
     """
     s_prev, G = _f64(s_prev), _f64(G)
     if not lr > 0:
         raise ValueError(f"check_retention needs lr > 0 (the objective divides by it), got {lr}")
     ctx = _inputs(s_prev=s_prev, G=G, lr=lr, alpha=alpha)
-    closed = _f64(retention.update(s_prev, -lr * G, alpha))
+    update = getattr(retention, "update", None)
+    closed = _f64((update or (lambda *a: update_from_pieces(retention, *a)))(s_prev, -lr * G, alpha))
     if closed.shape != s_prev.shape:
         raise AssertionError(f"{retention!r}: update returned shape {closed.shape}, "
                              f"expected {s_prev.shape}{ctx}")
+    if update is not None and hasattr(retention, "canonical") and hasattr(retention, "prox"):
+        assert_close(f"{retention!r}: update(s_prev, U, alpha) vs prox(α·canonical(s_prev) + U), "
+                     f"what the chunked scan computes per token", closed,
+                     update_from_pieces(retention, s_prev, -lr * G, alpha), rtol=1e-12, atol=1e-14,
+                     context=ctx)
     shape = s_prev.shape
 
     objective = getattr(retention, "objective", None)
@@ -167,7 +184,7 @@ def check_retention(retention, s_prev, G, lr, alpha=1.0, *, smooth=None, rtol=1e
 
     scale = _objective_scale(s_prev, G, lr)
     if smooth is None:
-        smooth = getattr(retention, "name", None) != "elastic_net"
+        smooth = bool(getattr(retention, "objective_is_smooth", True))
     if not smooth:
         _check_subgradient(retention, f, closed, lr, scale, ctx)
         return
@@ -196,6 +213,57 @@ def check_retention(retention, s_prev, G, lr, alpha=1.0, *, smooth=None, rtol=1e
         assert_close(f"{retention!r}: expose(update(s_prev, -lr*G, alpha)) vs expose(scipy argmin "
                      f"of objective)", retention.expose(closed), retention.expose(numeric),
                      rtol=rtol, atol=atol, context=ctx)
+
+
+_GATE_VJPS = (("expose_vjp", "expose"), ("canonical_vjp", "canonical"), ("prox_vjp", "prox"),
+              ("read_scale_vjp", "read_scale"))
+
+
+def check_vjps(spec, *point, delta=None, rtol=1e-7, atol=1e-10, seed=0):
+    """Check the VJPs a spec writes by hand against autodiff of the maps they differentiate,
+    at `point` (float64) with random cotangents.
+
+    A bias: point = (y, v), with `delta` for a bias without a static δ: `psi_vjp(y, v, delta,
+    dpsi)` against autodiff of `psi`. A retention gate: point = (s,), one stored matrix: each of
+    `expose_vjp(s, W, dW)`, `canonical_vjp(s, ds)`, `prox_vjp(s, ds)`, `read_scale_vjp(s, dnu)`
+    and `anchor_vjp(s, W, dW, dnu)` the gate has. Keep the point off the maps' kinks (a soft
+    threshold's ±γ). Raises AssertionError naming the spec and the method.
+    """
+    rng = np.random.default_rng(seed)
+    point = tuple(_f64(x) for x in point)
+    ctx = _inputs(**{f"point[{i}]": x for i, x in enumerate(point)}, delta=delta)
+    delta = _f64(delta)
+    if hasattr(spec, "psi"):
+        y, v = point
+        gate = delta is not None and np.ndim(delta) > 0
+        args = (y, v, delta) if gate else (y, v)
+        out, pull = ad.vjp(lambda *a: spec.psi(a[0], a[1], a[2] if gate else delta), *args)
+        if hasattr(spec, "psi_vjp"):
+            g = rng.standard_normal(np.shape(out))
+            got = spec.psi_vjp(y, v, delta, g)
+            for name, a, b in zip(("dy", "dv", "ddelta"), got, pull(g)):
+                assert_close(f"{spec!r}: psi_vjp's {name} vs autodiff of psi", a, b, rtol=rtol,
+                             atol=atol, context=ctx)
+        return
+    (s,) = point
+    for method, source in _GATE_VJPS:
+        if not hasattr(spec, method):
+            continue
+        out, pull = ad.vjp(getattr(spec, source), s)
+        if out is None or isinstance(out, (int, float)):
+            continue                                   # a constant: nothing to differentiate
+        g = rng.standard_normal(np.shape(out))
+        args = (s, out, g) if method == "expose_vjp" else (s, g)
+        assert_close(f"{spec!r}: {method} vs autodiff of {source}", getattr(spec, method)(*args),
+                     pull(g)[0], rtol=rtol, atol=atol, context=ctx)
+    if hasattr(spec, "anchor_vjp"):
+        W, nu = spec.expose(s), spec.read_scale(s)
+        dW = rng.standard_normal(W.shape)
+        dnu = None if nu is None or isinstance(nu, (int, float)) else rng.standard_normal(np.shape(nu))
+        f = (lambda x: anp.sum(spec.expose(x) * dW)
+             + (0.0 if dnu is None else anp.sum(spec.read_scale(x) * dnu)))
+        assert_close(f"{spec!r}: anchor_vjp vs autodiff of expose and read_scale",
+                     spec.anchor_vjp(s, W, dW, dnu), ad.grad(f)(s), rtol=rtol, atol=atol, context=ctx)
 
 
 def _objective_scale(s_prev, G, lr):

@@ -115,15 +115,15 @@ def last_axis(name, x, d, what):
 def params(memory, params):
     """Parameters for `memory`: right count and trailing shapes, batch dims that broadcast.
     Returns the broadcast batch shape."""
-    shapes = memory.param_shapes()
+    shapes, kind = memory.param_shapes(), getattr(memory, "name", type(memory).__name__)
     if len(params) != len(shapes):
         wanted = ", ".join(f"(..., {_dims(s)})" for s in shapes)
-        raise ValueError(f"params has {len(params)} array(s); {memory.name} memory takes "
+        raise ValueError(f"params has {len(params)} array(s); {kind} memory takes "
                          f"{len(shapes)}: {wanted}")
     batches = []
     for i, (p, s) in enumerate(zip(params, shapes)):
         if p.ndim < len(s) or tuple(p.shape[p.ndim - len(s):]) != s:
-            raise ValueError(f"params[{i}] has shape {tuple(p.shape)}; {memory.name} memory "
+            raise ValueError(f"params[{i}] has shape {tuple(p.shape)}; {kind} memory "
                              f"needs (..., {_dims(s)})")
         batches.append(tuple(p.shape[:p.ndim - len(s)]))
     batch = _broadcast(*batches)

@@ -491,3 +491,77 @@ def test_import_pulls_in_neither_cupy_nor_numba():
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- tree primitives
+
+class _Pair(NamedTuple):
+    a: object
+    b: object
+
+
+@ad.tree_primitive
+def _affine_tree(x, params, *, scale):
+    """Trees in and out: ({"y": W x + c, "z": scale·x}, W²) from x and params = _Pair(W, c)."""
+    W, c = params
+    return ({"y": W @ x + c, "z": _Pair(scale * x, None)}, W * W), W
+
+
+def _affine_tree_vjp(result, W, args, kwargs):
+    x, params = args
+
+    def vjp(g):
+        (gd, gW2) = g
+        gy, gz = gd["y"], gd["z"].a
+        dx = (0.0 if gy is None else W.T @ gy) + (0.0 if gz is None else kwargs["scale"] * gz)
+        dW = (0.0 if gy is None else np.outer(gy, x)) + (0.0 if gW2 is None else 2 * W * gW2)
+        return dx, _Pair(dW, gy)          # c's gradient: gy (None when y was not used)
+    return vjp
+
+
+ad.defvjp_tree(_affine_tree, _affine_tree_vjp)
+
+
+def _affine_tree_ad(x, params, scale):
+    W, c = params
+    return {"y": anp.matmul(W, x) + c, "z": _Pair(scale * x, None)}, W * W
+
+
+def test_tree_primitive_gradients_equal_autodiff_of_its_formula():
+    rng = np.random.default_rng(0)
+    x, W, c = rng.standard_normal(3), rng.standard_normal((2, 3)), rng.standard_normal(2)
+    raw = _affine_tree(x, _Pair(W, c), scale=0.5)         # raw arrays: no tape, the function itself
+    assert isinstance(raw[0]["y"], np.ndarray) and raw[0]["z"].b is None
+
+    def total(f):                                          # uses every output leaf
+        def g(x, W, c):
+            (d, W2) = f(x, _Pair(W, c))
+            return anp.sum(d["y"] ** 2) + anp.sum(anp.tanh(d["z"].a)) + anp.sum(W2)
+        return g
+    got = ad.grad(total(lambda x, p: _affine_tree(x, p, scale=0.5)), argnums=(0, 1, 2))(x, W, c)
+    want = ad.grad(total(lambda x, p: _affine_tree_ad(x, p, 0.5)), argnums=(0, 1, 2))(x, W, c)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    ad.check_grads(lambda x, W, c: _affine_tree(x, _Pair(W, c), scale=0.5), x, W, c, order=1)
+
+
+def test_tree_primitive_unused_outputs_repeated_inputs_and_float_leaves():
+    rng = np.random.default_rng(1)
+    x, W = rng.standard_normal(3), rng.standard_normal((2, 3))
+    # only z used: y's and W²'s cotangents arrive as None; c is a Python float: a float gradient
+    dc = ad.grad(lambda c: anp.sum(_affine_tree(x, _Pair(W, c), scale=2.0)[0]["y"]))(0.25)
+    assert type(dc) is float and dc == 2.0
+    dx = ad.grad(lambda x: anp.sum(_affine_tree(x, _Pair(W, 0.0), scale=2.0)[0]["z"].a))(x)
+    np.testing.assert_allclose(dx, np.full(3, 2.0))
+    # the same box as two leaves: both contributions add up
+    dW = ad.grad(lambda W: anp.sum(_affine_tree(x, _Pair(W, W[:, 0]), scale=1.0)[0]["y"]))(W)
+    want = np.outer(np.ones(2), x)
+    want[:, 0] += 1.0
+    np.testing.assert_allclose(dW, want, rtol=1e-12)
+
+
+def test_tree_primitive_refuses_second_order():
+    rng = np.random.default_rng(2)
+    x, W, c = rng.standard_normal(3), rng.standard_normal((2, 3)), rng.standard_normal(2)
+    with pytest.raises(NotImplementedError, match="_affine_tree.*first order"):
+        ad.check_grads(lambda x: _affine_tree(x, _Pair(W, c), scale=1.0)[0]["y"], x, order=2)

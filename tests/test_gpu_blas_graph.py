@@ -61,9 +61,13 @@ def test_tf32_switch_changes_float32_products_only_within_tf32_error():
     a = cupy.asarray(rng.standard_normal((4, 64, 256)), dtype=cupy.float32)
     b = cupy.asarray(rng.standard_normal((4, 256, 64)), dtype=cupy.float32)
     exact = cupy.matmul(a.astype(cupy.float64), b.astype(cupy.float64))
-    previous = blas.set_tf32(True)
-    try:
+    from mirascore.gpu import settings
+    blas.matmul(a, b)                                  # a handle exists before the switch
+    with settings.using(tf32=True):
         fast = blas.matmul(a, b)
+    previous = blas.set_tf32(True)                     # the same switch, kept for callers
+    try:
+        assert blas.matmul(a, b).dtype == a.dtype and previous is False
     finally:
         blas.set_tf32(previous)
     err = float(cupy.linalg.norm(fast - exact) / cupy.linalg.norm(exact))
@@ -103,14 +107,30 @@ def test_graph_replay_equals_eager_for_fresh_inputs():
 
 def test_graph_keeps_at_most_max_graphs():
     import cupy
-    from mirascore.gpu import graph
+    from mirascore.gpu import graph, settings
     graph.clear()
-    for n in range(graph.MAX_GRAPHS + 3):
+    most = settings.current().max_graphs
+    for n in range(most + 3):
         x = cupy.ones(n + 1)
         for _ in range(2):
             graph.call(lambda v: v * 3, (x,), key="size")
-    assert len(graph._graphs) == graph.MAX_GRAPHS
+    assert len(settings.RESOURCES.graphs) == most
+    with settings.using(max_graphs=2):
+        assert len(settings.RESOURCES.graphs) == 2              # trimmed at once
     graph.clear()
+
+
+def test_graph_replay_can_be_turned_off_and_unhashable_keys_run_eagerly():
+    import cupy
+    from mirascore.gpu import graph, settings
+    graph.clear()
+    x = cupy.ones(3)
+    with settings.using(cuda_graphs=False):
+        for _ in range(3):
+            graph.call(lambda v: v * 3, (x,), key="off")
+    for _ in range(3):
+        cupy.testing.assert_allclose(graph.call(lambda v: v * 3, (x,), key=("unhashable", [1])), 3 * x)
+    assert len(settings.RESOURCES.graphs) == 0
 
 
 @pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -178,3 +198,44 @@ def test_scan_inside_the_callers_own_capture():
         captured.launch()
         stream.synchronize()
     cupy.testing.assert_allclose(Y, run(*inputs(np)), rtol=1e-9, atol=1e-12)
+
+
+def test_a_whole_scan_with_check_finite_false_is_captured_by_the_caller():
+    """check_finite=False: validation looks at no value and nothing is copied from the host, so a
+    caller can record mc.init + mc.scan (forward and backward) of both chunk families as one CUDA
+    graph (any synchronisation or host copy inside would make the capture fail)."""
+    import cupy
+    import mirascore as mc
+    import mirascore.autodiff as ad
+    rng = np.random.default_rng(7)
+    B, T, d = 2, 12, 4
+    for rule in (mc.presets.yaad(d), mc.presets.gated_deltanet(d)):
+        host = dict(K=rng.standard_normal((B, T, d)), V=rng.standard_normal((B, T, d)),
+                    Q=rng.standard_normal((B, T, d)), lr=np.full((B, T), 0.1),
+                    alpha=np.full((B, T), 0.9), dY=rng.standard_normal((B, T, d)))
+        if rule.bias.needs_delta:
+            host["delta"] = np.full((B, T), 1.0)
+        params = rule.memory.init(0, batch_shape=(B,), dtype=np.float64)
+
+        def run(xp, arrays, P):
+            def f(P, K):
+                state = mc.init(rule.memory, P, retention=rule.retention, algorithm=rule.algorithm,
+                                check_finite=False)
+                gates = {n: arrays[n] for n in ("lr", "alpha", "delta") if n in arrays}
+                return mc.scan(state, K, arrays["V"], arrays["Q"], bias=rule.bias, chunk=5,
+                               check_finite=False, **gates)[0]
+            Y, pull = ad.vjp(f, P, arrays["K"])
+            return Y, pull(arrays["dY"])
+        dev = {n: cupy.asarray(x) for n, x in host.items()}
+        P = tuple(map(cupy.asarray, params))
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            run(cupy, dev, P)                          # warm-up: kernels compiled, handles made
+            stream.begin_capture()
+            Y, (dP, dK) = run(cupy, dev, P)
+            captured = stream.end_capture()
+            captured.launch()
+            stream.synchronize()
+        Yn, (dPn, dKn) = run(np, host, params)
+        for a, b in zip((Y, dK, *dP), (Yn, dKn, *dPn)):
+            cupy.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10 * float(np.abs(b).max()))

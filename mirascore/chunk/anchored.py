@@ -178,9 +178,10 @@ def _broadcast(run, params, momentum, tokens):
     xp = namespace(*params, K, V, Q)
     dtype = np.result_type(*(x.dtype for x in (*params, K, V, Q)))
     gates = {n: getattr(tokens, n) for n in Tokens._fields if n not in _ROWS}
-    gates["alpha"] = 1.0 if gates["alpha"] is None else gates["alpha"]
     gates["beta"] = gates["beta"] if run.momentum else None
     gates = {n: None if g is None else xp.asarray(g, dtype=dtype) for n, g in gates.items()}
+    if gates["alpha"] is None:                   # made on the device: no copy from the host
+        gates["alpha"] = xp.ones((), dtype=dtype)
     T = K.shape[-2]
     batch = np.broadcast_shapes(*(p.shape[:-2] for p in params),
                                 *(m.shape[:-2] for m in momentum or ()),
