@@ -16,6 +16,10 @@ test-all: $(VENV)/.installed
 test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -m gpu $(ARGS)
 
+# the CPU benchmark (benchmarks/README.md; about 45 s on 2 cores); the GPU ones need a GPU machine
+bench: $(VENV)/.installed
+	$(PY) benchmarks/cpu_scan.py $(ARGS)
+
 train: $(VENV)/.installed
 	rm -rf $(RUN)
 	$(VENV)/bin/mirascore train models/moneta-tiny.toml --out $(RUN) $(ARGS)

@@ -96,11 +96,11 @@ def flops(rule, B, H, T, C):
       factors     VJP of the gradient path (2 matmuls)                                 4bdh
       decay       dD Dᵀ per decay matrix, Dαᵀ dR, dR Dβᵀ, Dαᵀ dm                       2(b+1)³ (+4b³ + 2b² + 2(b+1)³)
     """
-    if rule.memory.name != "mlp":
+    if not isinstance(rule.memory, mc.memory.MLP):
         return None
     d, h = rule.memory.d_in, rule.memory.hidden
-    mom = rule.algorithm.name == "momentum"
-    anchor_reads = rule.retention.name in ("kl", "sigmoid")
+    mom = rule.algorithm.uses_momentum
+    anchor_reads = rule.retention.read_scale(np.ones((1, 1))) is None   # kl, sigmoid read W̄
     fwd = {k: 0.0 for k in ("anchor", "factors", "end", "last read", "reads", "decay")}
     bwd = dict(fwd)
     for start in range(0, T, C):
@@ -239,7 +239,7 @@ def make_inputs(B, H, T, d, seed=0):
 
 def make_rule(name, d, expansion):
     rule = getattr(mc.presets, name)(d)
-    if rule.memory.name == "mlp" and expansion != rule.memory.expansion:
+    if isinstance(rule.memory, mc.memory.MLP) and expansion != rule.memory.expansion:
         rule = rule._replace(memory=mc.memory.mlp(d, expansion=expansion))
     return rule
 
@@ -249,7 +249,7 @@ def gate_names(rule):
     names = ["lr", "alpha"]
     if getattr(rule.bias, "needs_delta", False):
         names.append("delta")
-    if rule.algorithm.name == "momentum":
+    if rule.algorithm.uses_momentum:
         names.append("beta")
     return names
 
@@ -284,7 +284,7 @@ def fwd_bwd(f, args, dY):
 def named_grads(rule, grads):
     """{name: gradient} from fwd_bwd's (params, K, V, Q, gates) tuple."""
     params, dK, dV, dQ, dgates = grads
-    pnames = ("W1", "W2") if rule.memory.name == "mlp" else tuple(f"P{i}" for i in range(len(params)))
+    pnames = ("W1", "W2") if isinstance(rule.memory, mc.memory.MLP) else tuple(f"P{i}" for i in range(len(params)))
     out = {f"d{n}": g for n, g in zip(pnames, params)}
     out.update(dK=dK, dV=dV, dQ=dQ)
     out.update({f"d{n}": g for n, g in dgates.items()})
@@ -566,7 +566,7 @@ def main():
     ap.add_argument("--tf32", action="store_true", help="(internal) this process runs the TF32 rows only")
     ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 child process")
     ap.add_argument("--eager", action="store_true",
-                    help="no CUDA graph replay (mirascore.gpu.graph.enabled = False)")
+                    help="no CUDA graph replay (mirascore.gpu.settings cuda_graphs=False)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     profile = (QUICK_CPU if args.quick else CPU) if args.cpu else (QUICK if args.quick else FULL)
@@ -600,8 +600,8 @@ def main():
     x = make_inputs(args.B, args.H, args.T, args.d)
     mode = "tf32" if args.tf32 else "fp32"
     if args.eager and not args.cpu:
-        from mirascore.gpu import graph
-        graph.enabled = False
+        from mirascore.gpu import settings
+        settings.configure(cuda_graphs=False)
         mode += " eager"
     for name in args.rules:
         bench_rule(name, args, dev, x, mode)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time mirascore's chunked delta recurrence (chunk_delta) on one GPU, optionally beside FLA.
+"""Time mirascore's chunked delta rule (delta_rule_scan) on one GPU, optionally beside FLA.
 
     python3 benchmarks/gpu_delta.py [--with-fla] [--json PATH] [--B 8 --T 4096 --H 16 --d 128 --chunk 64]
 
@@ -48,7 +48,7 @@ def save_json():
 
 
 def flops(B, H, T, dk, dv, C):
-    """Matmul FLOPs of chunk_delta's forward and backward (2 per multiply-add)."""
+    """Matmul FLOPs of the delta rule's forward and backward (2 per multiply-add)."""
     N = -(-T // C)
     fwd = (2 * C * C * dk            # K Kᵀ
            + C ** 3 / 3              # (I + A)⁻¹ by substitution
@@ -138,28 +138,28 @@ def ours_args(x, dtype):
 
 def reference(x, chunk):
     """float64 run of ours: Y and the seven gradients (with dY, no cotangent on W_T)."""
-    from mirascore.chunk import chunk_delta_bwd, chunk_delta_fwd
+    from mirascore.chunk import delta_rule_bwd, delta_rule_fwd
     a = ours_args(x, np.float64)
-    Y, _, saved = chunk_delta_fwd(*a, chunk=chunk)
-    grads = chunk_delta_bwd(saved, x["dY"].astype(np.float64), None)
+    Y, _, saved = delta_rule_fwd(*a, chunk=chunk)
+    grads = delta_rule_bwd(saved, x["dY"].astype(np.float64), None)
     del saved
     return a, Y, grads
 
 
 def bench_ours(args, mode, pool, x, ref):
     import cupy
-    from mirascore.chunk import chunk_delta_bwd, chunk_delta_fwd
+    from mirascore.chunk import delta_rule_bwd, delta_rule_fwd
     B, T, H, d, C = args.B, args.T, args.H, args.d, args.chunk
     a = ours_args(x, np.float32)
     dY = x["dY"]
     f_fwd, f_all = flops(B, H, T, d, d, C)
 
     def fwd():
-        return chunk_delta_fwd(*a, chunk=C)
+        return delta_rule_fwd(*a, chunk=C)
 
     def fwd_bwd():
-        Y, W_T, saved = chunk_delta_fwd(*a, chunk=C)
-        return Y, chunk_delta_bwd(saved, dY, None)
+        Y, W_T, saved = delta_rule_fwd(*a, chunk=C)
+        return Y, delta_rule_bwd(saved, dY, None)
 
     for name, fn, fl in (("fwd", fwd, f_fwd), ("fwd+bwd", fwd_bwd, f_all)):
         row = dict(impl="ours", dtype=mode, mode=name,
@@ -265,10 +265,10 @@ def bench_fla(args, x, ref):
 
 
 def breakdown(args, x):
-    """Where the time goes: the pieces of chunk_delta at the benchmark size (fp32)."""
+    """Where the time goes: the pieces of the chunked delta rule at the benchmark size (fp32)."""
     import cupy
-    from mirascore.chunk import delta
-    from mirascore.gpu import delta_kernels
+    from mirascore.chunk import delta_rule as delta
+    from mirascore.gpu import delta_rule_kernels as delta_kernels
     B, T, H, d, C = args.B, args.T, args.H, args.d, args.chunk
     Bn, N = B * H, -(-T // C)
     rng = cupy.random.default_rng(1)
@@ -279,7 +279,7 @@ def breakdown(args, x):
     dec = rng.random((Bn, N), dtype=f32)
     X0 = cupy.zeros((Bn, d, d), f32)
     a = ours_args(x, np.float32)
-    _, _, saved = delta.chunk_delta_fwd(*a, chunk=C)
+    _, _, saved = delta.delta_rule_fwd(*a, chunk=C)
     pieces = {
         "state_scan kernel (one pass)": lambda: delta_kernels.state_scan(K, K, K, dec, X0),
         "decay_matrix (fused)": lambda: delta_kernels.decay_matrix(dec[..., None] * K[..., 0]),
@@ -290,8 +290,8 @@ def breakdown(args, x):
         "matmul C x C x d (Tinv K)": lambda: cupy.matmul(CC, K),
         "elementwise C x C multiply": lambda: CC * CC,
         "elementwise C x d multiply": lambda: K * K,
-        "forward total": lambda: delta.chunk_delta_fwd(*a, chunk=C),
-        "backward total": lambda: delta.chunk_delta_bwd(saved, x["dY"], None),
+        "forward total": lambda: delta.delta_rule_fwd(*a, chunk=C),
+        "backward total": lambda: delta.delta_rule_bwd(saved, x["dY"], None),
     }
     print("\nbreakdown (fp32, median ms):", flush=True)
     out = {}

@@ -31,8 +31,8 @@ def main():
     import cupy
     from torch.profiler import ProfilerActivity, profile
 
-    from mirascore.gpu import graph
-    graph.enabled = not args.eager
+    from mirascore.gpu import settings
+    settings.configure(cuda_graphs=not args.eager)
     rule = bench.make_rule(args.rule, args.d, args.expansion)
     x = bench.make_inputs(args.B, args.H, args.T, args.d)
 
