@@ -1,4 +1,4 @@
-"""mirascore: Miras sequence-model memories as pure numpy/CuPy functions (DESIGN.md).
+"""mirascore: Miras sequence-model memories as pure numpy/CuPy functions (docs/contract.md).
 
     import mirascore as mc
     rule  = mc.presets.gated_deltanet(64)

@@ -1,4 +1,4 @@
-"""Memory learning algorithms: how a gradient G becomes the update U (DESIGN §3, paper §1.7).
+"""Memory learning algorithms: how a gradient G becomes the update U (docs/contract.md §3, paper §1.7).
 
 Each algorithm is a NamedTuple (`name`) with pure methods over tuples of parameter-shaped arrays
 (..., m, n); gates `lr`, `beta` are numbers or arrays broadcasting against the batch dims (...)

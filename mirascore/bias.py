@@ -1,4 +1,4 @@
-"""Attentional biases: the per-token loss ℓ(M(k), v) the memory is trained on (DESIGN §3, paper §3).
+"""Attentional biases: the per-token loss ℓ(M(k), v) the memory is trained on (docs/contract.md §3, paper §3).
 
 Each bias is a NamedTuple (`name` + hyperparameters) with pure methods over y = M(W, k) and v,
 both (..., d_out), with r = y − v (the protocol: docs/internals.md):

@@ -1,4 +1,4 @@
-"""Memory architectures: the small model M(W, k) that is trained at test time (DESIGN §3).
+"""Memory architectures: the small model M(W, k) that is trained at test time (docs/contract.md §3).
 
 A memory is a NamedTuple of its sizes (`name`, `d_in`, `d_out`, ...) whose architecture is written
 once, over rows of inputs, with every product by a parameter left to the caller (docs/internals.md):

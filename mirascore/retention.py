@@ -1,4 +1,4 @@
-"""Retention gates: how the memory keeps (or lets go of) its past (DESIGN §3, paper §4).
+"""Retention gates: how the memory keeps (or lets go of) its past (docs/contract.md §3, paper §4).
 
 A gate stores one array s per parameter matrix (W itself, or a quantity W is exposed from) and
 maps (s, U, α) to the next s, where U is the algorithm's update (−lr·G for gd). Every gate is a
@@ -108,7 +108,7 @@ class L2(NamedTuple):
 
     def delta_rule_gates(self, alpha, lr, slope):
         """W_t = α W (I − b k kᵀ) + c v kᵀ: with the gradient at W, ψ = slope·(W k) − v gives
-        b = slope·lr/α; at α·W, b = slope·lr (docs/derivations/chunked-delta-rule.md)."""
+        b = slope·lr/α; at α·W, b = slope·lr (docs/derivations/chunked-delta.md)."""
         b = _times(slope, lr)
         return alpha, (b / alpha if self.grad_at == "state" and slope else b), lr
 

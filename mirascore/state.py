@@ -1,4 +1,4 @@
-"""A memory being trained: its state, its rule, and reading it (DESIGN §2).
+"""A memory being trained: its state, its rule, and reading it (docs/contract.md §2).
 
     state = init(memory, params, retention=..., algorithm=...)   # -> MemoryState
     W     = weights(state)                                       # the exposed parameters

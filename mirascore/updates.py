@@ -1,6 +1,6 @@
-"""The memory update: `step` (one token) and `scan` (a sequence) (DESIGN §2–4, docs/internals.md).
+"""The memory update: `step` (one token) and `scan` (a sequence) (docs/contract.md §2–4, docs/internals.md).
 
-One token (DESIGN §3), through the specs' methods only (mirascore.protocols):
+One token (docs/contract.md §3), through the specs' methods only (mirascore.protocols):
     W  = expose(s)                        per parameter array
     Wg = c·W,  c = gradient_scale(α)      W itself when c is None (α·W for l2(grad_at="retained"))
     ψ  = bias.psi(M(Wg, k), v, δ);  G = memory.grad(Wg, k, ψ)
@@ -9,7 +9,7 @@ One token (DESIGN §3), through the specs' methods only (mirascore.protocols):
 `scan` reads y_t = M(W_t, q_t) after token t's update. Rules whose update is linear in the state
 (`is_exact`: declared by the specs' capabilities, never by their names) run the chunked WY/UT form
 of the delta rule (mirascore.chunk.delta_rule), equal to this per-token loop for every chunk size;
-all others the anchored chunked form of DESIGN §4 (mirascore.chunk.anchored). Both are single
+all others the anchored chunked form of docs/contract.md §4 (mirascore.chunk.anchored). Both are single
 primitives of mirascore.autodiff with hand-derived backward passes.
 """
 import numpy as np
@@ -24,7 +24,7 @@ from .state import Rule, check_rule_fits
 
 
 def is_exact(rule):
-    """True when the update is linear in the state, so chunked = per-token exactly (DESIGN §4):
+    """True when the update is linear in the state, so chunked = per-token exactly (docs/contract.md §4):
     a matrix memory (M = W k), a bias with ψ = a·y − v (l2, dot: `psi_slope`), a gate that keeps
     W and decays it linearly (none, l2: `delta_rule_gates`) and no momentum (gd, implicit).
     `rule` is anything with fields memory, bias, retention, algorithm (a Rule)."""
@@ -67,7 +67,7 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
 
     Y (..., T, d_out) holds y_t = M(W_t, q_t), read after token t's update. Gates broadcast against
     (..., T). Exact rules (`is_exact`) give the per-token result for any `chunk`; the others the
-    anchored chunked form of DESIGN §4 with chunks of `chunk` tokens (chunk=1: per-token).
+    anchored chunked form of docs/contract.md §4 with chunks of `chunk` tokens (chunk=1: per-token).
     backend: "auto" (numpy/CuPy) or "ref" (mirascore.ref, float64, cast back to the input dtype).
     check_finite=False skips every look at the values (finite inputs, gate ranges), so that the
     call never synchronises with the device (shapes and specs are still checked on the host).
@@ -91,7 +91,7 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
 
 def delta_rule_gates(rule, lr, alpha, K):
     """(α, b, c) with which an exact rule's update is W_t = α W (I − b k kᵀ) + c v kᵀ
-    (docs/derivations/chunked-delta-rule.md): lr' = effective_lr(lr, k) (implicit(): lr/(1 + lr·kᵀk)),
+    (docs/derivations/chunked-delta.md): lr' = effective_lr(lr, k) (implicit(): lr/(1 + lr·kᵀk)),
     then the gate's `delta_rule_gates(α, lr', psi_slope)`; gates broadcast against (..., T)."""
     lr = rule.algorithm.effective_lr(lr, K)
     return rule.retention.delta_rule_gates(alpha, lr, rule.bias.psi_slope)

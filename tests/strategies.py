@@ -1,6 +1,6 @@
 """Project-only strategies, the catalogue of rules under test, and independent float64 oracles.
 
-The oracles are written from DESIGN §3–4, docs/internals.md (in-chunk reads) and the paper (§5.1 for
+The oracles are written from docs/contract.md §3–4, docs/internals.md (in-chunk reads) and the paper (§5.1 for
 the MLP gradient) in plain numpy/scipy: they share no code with mirascore, so a test that compares
 mirascore with them judges both the hand derivations and their implementation.
 """
@@ -39,7 +39,7 @@ def memories():
 
 
 def is_exact(memory, bias, retention, algorithm):
-    """DESIGN §4: the rules whose chunked form equals the per-token loop for every chunk size."""
+    """docs/contract.md §4: the rules whose chunked form equals the per-token loop for every chunk size."""
     return (memory.name == "linear" and bias.name in ("dot", "l2")
             and algorithm.name in ("gd", "implicit")
             and retention.name in ("none", "l2"))
@@ -141,7 +141,7 @@ def _gate(g, n):
 
 
 def psi(bias, y, v, delta=None):
-    """ψ(r) from DESIGN §3's table, r = y − v."""
+    """ψ(r) from docs/contract.md §3's table, r = y − v."""
     r = y - v
     name = bias.name
     if name == "dot":
@@ -183,7 +183,7 @@ def soft_threshold(z, gamma):
 
 
 def update(ret, s, U, alpha):
-    """One token's update of the stored quantity (DESIGN §3 retention table)."""
+    """One token's update of the stored quantity (docs/contract.md §3 retention table)."""
     if ret.name == "none":
         return s + U
     if ret.name == "kl":
@@ -203,7 +203,7 @@ def grad_point(ret, W, alpha):
 
 
 def step(memory, bias, ret, alg, params, mom, k, v, *, lr, alpha=1.0, delta=None, beta=None):
-    """One token of DESIGN §3; returns (stored params, momentum)."""
+    """One token of docs/contract.md §3; returns (stored params, momentum)."""
     W = tuple(expose(ret, s) for s in params)
     Wg = tuple(grad_point(ret, w, alpha) for w in W)
     G = memory_grad(memory, Wg, k, psi(bias, apply(memory, Wg, k), v, delta))
@@ -250,7 +250,7 @@ def read(ret, s, s_anchor):
 
 def scan_anchored(memory, bias, ret, alg, params, K, V, Q, *, chunk, lr, alpha=1.0, delta=None,
                   beta=None):
-    """DESIGN §4's anchored chunked form: gradients at the chunk's starting exposed state (at α_t·W̄
+    """docs/contract.md §4's anchored chunked form: gradients at the chunk's starting exposed state (at α_t·W̄
     for grad_at="retained"), the stored quantity and momentum follow their linear recurrences
     inside the chunk, elastic net thresholds once at the chunk end; reads per docs/internals.md,
     the chunk's last token reads the returned state. Returns (Y, params, mom)."""

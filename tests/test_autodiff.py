@@ -1,7 +1,7 @@
 """The autodiff core: grad/value_and_grad/vjp, nested differentiation, extension and errors.
 
 The per-operation checks are in test_autodiff_ops.py; this file tests what the core promises
-(DESIGN.md §2.1): argnums, pytrees, constants, nested differentiation against closed forms and
+(docs/contract.md §2.1): argnums, pytrees, constants, nested differentiation against closed forms and
 finite differences, primitive/defvjp/defvjp_argnums, check_grads catching wrong VJPs, dtypes,
 devices, and that importing the package pulls in neither CuPy nor numba.
 """

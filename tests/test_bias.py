@@ -1,4 +1,4 @@
-"""Attentional biases: hand ψ and ∇_W ℓ against autodiff of the loss, DESIGN's formulas, and limits.
+"""Attentional biases: hand ψ and ∇_W ℓ against autodiff of the loss, the contract's formulas (docs/contract.md §3), and limits.
 
 Residuals are drawn directly (v = M(W, k) − r) so that they can be kept away from the points where
 a loss is not differentiable: r_j = 0 for lp with p < 2, ‖r‖ = δ for Yaad's discontinuous mixture.

@@ -6,7 +6,8 @@ multiple of the chunk, for every memory × bias × retention × algorithm outsid
 whole cross product under -m slow); chunk = 1 equals `ref.scan`; chaining at a chunk boundary.
 Backward: every gradient (initial stored params and momentum, K, V, Q, lr, α, δ, β) equals autodiff
 through the reference with random cotangents on Y and on the final state; finite differences
-(`ad.check_grads`) on the primitive and on every hand-derived piece of second_order.py. Long-T
+(`ad.check_grads`) on the primitive and on every hand-derived piece (the specs' VJP methods, the
+factor pairs at the anchor, the decay matrices). Long-T
 finiteness, broadcasting, T = 0, errors, float32, and the same comparisons on CuPy arrays (gpu).
 
 kl and sigmoid: docs/internals.md has in-chunk tokens read the chunk-start weights W̄ (their
@@ -271,7 +272,7 @@ def test_forward_mlp_every_rule(rule, data):
 @settings(max_examples=3)
 @given(data=st.data())
 def test_chunk_1_is_the_per_token_rule(rule, data):
-    """b = 1: every gradient at the current state, every read exact (DESIGN §4)."""
+    """b = 1: every gradient at the current state, every read exact (docs/contract.md §4)."""
     prob = data.draw(problems(rule, max_T=8))
     state = prob.state()
     Y, out = ref.scan(state, prob.K, prob.V, prob.Q, bias=rule.bias,

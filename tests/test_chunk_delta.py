@@ -19,7 +19,7 @@ import mirascore.autodiff.numpy as anp
 from mirascore._xp import to_numpy
 from mirascore.chunk import delta_rule as delta_mod
 from mirascore.chunk import delta_rule_bwd, delta_rule_fwd
-from mirascore.chunk import delta_rule_scan as chunk_delta
+from mirascore.chunk import delta_rule_scan
 
 NAMES = ("W0", "K", "V", "Q", "alpha", "b", "c")
 
@@ -102,7 +102,7 @@ def test_forward_matches_loop(p):
     batch, T, d_k, d_v, chunk, rng = p
     args = make_inputs(rng, batch, T, d_k, d_v)
     Y_ref, W_ref = loop(*args)
-    Y, W_T = chunk_delta(*args, chunk=chunk)
+    Y, W_T = delta_rule_scan(*args, chunk=chunk)
     assert_close("Y", Y, Y_ref)
     assert_close("W_T", W_T, W_ref)
 
@@ -124,7 +124,7 @@ def test_forward_detects_a_wrong_state():
     """The comparison can fail: perturbing one gate of one token changes Y and W_T."""
     rng = np.random.default_rng(0)
     args = list(make_inputs(rng, (2,), 20, 3, 3))
-    Y, W_T = chunk_delta(*args, chunk=16)
+    Y, W_T = delta_rule_scan(*args, chunk=16)
     args[5] = args[5].copy()
     args[5][1, 7] += 0.1
     Y_ref, W_ref = loop(*args)
@@ -146,7 +146,7 @@ def test_gradients_match_autodiff_through_loop(p):
     dY = rng.standard_normal(batch + (T, d_v))
     dW = rng.standard_normal(batch + (d_v, d_k))
     want = reference_grads(args, dY, dW)
-    (Y, W_T), pull = ad.vjp(lambda *a: chunk_delta(*a, chunk=chunk), *args)
+    (Y, W_T), pull = ad.vjp(lambda *a: delta_rule_scan(*a, chunk=chunk), *args)
     got = pull((dY, dW))
     for name, g, w in zip(NAMES, got, want):
         assert_close(f"d{name}", g, w, rtol=1e-7, atol=1e-9)
@@ -161,7 +161,7 @@ def test_gradients_with_one_cotangent(which):
     dW = rng.standard_normal((2, 2, 3))
     pick = 0 if which == "Y" else 1
     want = ad.vjp(lambda *a: loop_ad(*a)[pick], *args)[1](dY if pick == 0 else dW)
-    got = ad.vjp(lambda *a: chunk_delta(*a, chunk=8)[pick], *args)[1](dY if pick == 0 else dW)
+    got = ad.vjp(lambda *a: delta_rule_scan(*a, chunk=8)[pick], *args)[1](dY if pick == 0 else dW)
     for name, g, w in zip(NAMES, got, want):
         assert_close(f"d{name}", g, w, rtol=1e-7, atol=1e-9)
 
@@ -170,7 +170,7 @@ def test_gradients_with_one_cotangent(which):
 def test_check_grads_finite_differences(chunk, T):
     rng = np.random.default_rng(T)
     args = make_inputs(rng, (2,), T, 3, 4, alpha_kind="alpha_smooth")
-    ad.check_grads(lambda *a: chunk_delta(*a, chunk=chunk), *args, order=1)
+    ad.check_grads(lambda *a: delta_rule_scan(*a, chunk=chunk), *args, order=1)
 
 
 def test_check_grads_can_fail():
@@ -186,7 +186,7 @@ def test_check_grads_can_fail():
     delta_mod.delta_rule_bwd = bad
     try:
         with pytest.raises(AssertionError, match="argument 5"):
-            ad.check_grads(lambda *a: chunk_delta(*a, chunk=4), *args, order=1)
+            ad.check_grads(lambda *a: delta_rule_scan(*a, chunk=4), *args, order=1)
     finally:
         delta_mod.delta_rule_bwd = good
 
@@ -195,7 +195,7 @@ def test_grad_of_grad_is_refused():
     rng = np.random.default_rng(4)
     args = make_inputs(rng, (), 5, 2, 2, alpha_kind="alpha_smooth")
     with pytest.raises(NotImplementedError, match="delta_rule_scan"):
-        ad.check_grads(lambda *a: chunk_delta(*a, chunk=2), *args, order=2)
+        ad.check_grads(lambda *a: delta_rule_scan(*a, chunk=2), *args, order=2)
 
 
 def test_partial_argnums_and_fwd_bwd_pair():
@@ -207,7 +207,7 @@ def test_partial_argnums_and_fwd_bwd_pair():
     direct = delta_rule_bwd(saved, dY, dW)
 
     def loss(K, alpha):
-        Y, W_T = chunk_delta(args[0], K, args[2], args[3], alpha, args[5], args[6], chunk=4)
+        Y, W_T = delta_rule_scan(args[0], K, args[2], args[3], alpha, args[5], args[6], chunk=4)
         return anp.sum(Y * dY) + anp.sum(W_T * dW)
     gK, ga = ad.grad(loss, argnums=(0, 1))(args[1], args[4])
     assert_close("dK", gK, direct[1])
@@ -221,12 +221,12 @@ def test_chaining(chunk, split):
     """Two calls with the carried state equal one call when the split is on a chunk boundary."""
     rng = np.random.default_rng(chunk)
     W0, K, V, Q, alpha, b, c = make_inputs(rng, (2, 2), 29, 3, 5)
-    Y, W_T = chunk_delta(W0, K, V, Q, alpha, b, c, chunk=chunk)
+    Y, W_T = delta_rule_scan(W0, K, V, Q, alpha, b, c, chunk=chunk)
     s = slice(None, split)
     r = slice(split, None)
-    Y1, W1 = chunk_delta(W0, K[..., s, :], V[..., s, :], Q[..., s, :], alpha[..., s], b[..., s], c[..., s],
+    Y1, W1 = delta_rule_scan(W0, K[..., s, :], V[..., s, :], Q[..., s, :], alpha[..., s], b[..., s], c[..., s],
                          chunk=chunk)
-    Y2, W2 = chunk_delta(W1, K[..., r, :], V[..., r, :], Q[..., r, :], alpha[..., r], b[..., r], c[..., r],
+    Y2, W2 = delta_rule_scan(W1, K[..., r, :], V[..., r, :], Q[..., r, :], alpha[..., r], b[..., r], c[..., r],
                          chunk=chunk)
     assert_close("Y", np.concatenate([Y1, Y2], axis=-2), Y, rtol=1e-12, atol=1e-13)
     assert_close("W_T", W2, W_T, rtol=1e-12, atol=1e-13)
@@ -245,11 +245,11 @@ def test_broadcasting():
     c = 0.7                                     # a Python number: broadcast, no gradient
     args = (W0, K, V, Q, alpha, b, c)
     Y_ref, W_ref = loop(W0, K, V, Q, alpha, b, np.full((T,), c))
-    Y, W_T = chunk_delta(*args, chunk=4)
+    Y, W_T = delta_rule_scan(*args, chunk=4)
     assert_close("Y", Y, Y_ref)
     assert_close("W_T", W_T, W_ref)
     dY, dW = rng.standard_normal(Y.shape), rng.standard_normal(W_T.shape)
-    got = ad.vjp(lambda *a: chunk_delta(*a, c, chunk=4), *args[:6])[1]((dY, dW))
+    got = ad.vjp(lambda *a: delta_rule_scan(*a, c, chunk=4), *args[:6])[1]((dY, dW))
     want = ad.vjp(lambda *a: loop_ad(*a, np.full((T,), c)), *args[:6])[1]((dY, dW))
     for name, g, w, x in zip(NAMES, got, want, args):
         assert np.shape(g) == np.shape(x), name
@@ -260,12 +260,12 @@ def test_dtypes():
     rng = np.random.default_rng(7)
     args64 = make_inputs(rng, (2,), 50, 4, 4)
     args32 = tuple(a.astype(np.float32) for a in args64)
-    Y, W_T = chunk_delta(*args32, chunk=16)
+    Y, W_T = delta_rule_scan(*args32, chunk=16)
     assert Y.dtype == np.float32 and W_T.dtype == np.float32
     Y_ref, W_ref = loop(*args64)
     assert_close("Y float32", Y, Y_ref, rtol=2e-4, atol=2e-5)
     assert_close("W_T float32", W_T, W_ref, rtol=2e-4, atol=2e-5)
-    Y64, _ = chunk_delta(*args64, chunk=16)
+    Y64, _ = delta_rule_scan(*args64, chunk=16)
     assert Y64.dtype == np.float64
 
 
@@ -273,15 +273,15 @@ def test_errors():
     rng = np.random.default_rng(8)
     W0, K, V, Q, alpha, b, c = make_inputs(rng, (2,), 6, 3, 2)
     with pytest.raises(ValueError, match="chunk"):
-        chunk_delta(W0, K, V, Q, alpha, b, c, chunk=0)
+        delta_rule_scan(W0, K, V, Q, alpha, b, c, chunk=0)
     with pytest.raises(ValueError, match="W0"):
-        chunk_delta(W0[..., :1], K, V, Q, alpha, b, c)
+        delta_rule_scan(W0[..., :1], K, V, Q, alpha, b, c)
     with pytest.raises(ValueError, match="Q"):
-        chunk_delta(W0, K, V, Q[..., :5, :], alpha, b, c)
+        delta_rule_scan(W0, K, V, Q[..., :5, :], alpha, b, c)
     with pytest.raises(ValueError, match="alpha"):
-        chunk_delta(W0, K, V, Q, alpha[..., :4], b, c)
+        delta_rule_scan(W0, K, V, Q, alpha[..., :4], b, c)
     with pytest.raises(ValueError, match="batch"):
-        chunk_delta(W0, K, rng.standard_normal((3, 6, 2)), Q, alpha, b, c)
+        delta_rule_scan(W0, K, rng.standard_normal((3, 6, 2)), Q, alpha, b, c)
 
 
 def test_unit_lower_inverse():
@@ -314,7 +314,7 @@ def test_long_sequence_is_stable(alpha):
     assert_close("W_T", W_T, W_ref, rtol=1e-8, atol=1e-10)
     grads = delta_rule_bwd(saved, rng.standard_normal(Y.shape), rng.standard_normal(W_T.shape))
     assert all(np.all(np.isfinite(g)) for g in grads)
-    Y32, W32 = chunk_delta(*(x.astype(np.float32) for x in (W0, K, V, Q, a, b, c)), chunk=64)
+    Y32, W32 = delta_rule_scan(*(x.astype(np.float32) for x in (W0, K, V, Q, a, b, c)), chunk=64)
     assert np.all(np.isfinite(Y32))
     rel = np.linalg.norm(Y32 - Y_ref) / np.linalg.norm(Y_ref)
     assert rel < 1e-4, rel

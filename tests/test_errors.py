@@ -1,4 +1,4 @@
-"""Bad input raises ValueError naming the argument and the sizes or values involved (DESIGN §2)."""
+"""Bad input raises ValueError naming the argument and the sizes or values involved (docs/contract.md §2)."""
 import re
 
 import numpy as np

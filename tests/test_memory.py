@@ -1,4 +1,4 @@
-"""Memory architectures: forward pass against DESIGN §3, hand VJPs against autodiff and paper §5.1."""
+"""Memory architectures: forward pass against docs/contract.md §3, hand VJPs against autodiff and paper §5.1."""
 import numpy as np
 import pytest
 from hypothesis import given

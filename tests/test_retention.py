@@ -1,4 +1,4 @@
-"""Retention gates: closed-form update = argmin of the gate's objective, DESIGN's table, limits."""
+"""Retention gates: closed-form update = argmin of the gate's objective, the contract's table (docs/contract.md §3), limits."""
 import numpy as np
 import pytest
 from hypothesis import given

@@ -1,6 +1,6 @@
 """step / scan / weights / recall: against independent loops, the reference, and their contracts.
 
-- step equals the per-token recurrence of DESIGN §3 (tests/strategies.py's own numpy loop) for
+- step equals the per-token recurrence of docs/contract.md §3 (tests/strategies.py's own numpy loop) for
   every memory × bias and every memory × retention × algorithm; scan(chunk=1) for rules drawn from
   the whole product;
 - exact rules: scan(chunk=b) equals the per-token loop for every b, T not a multiple of b;
@@ -122,7 +122,7 @@ ANCHORED = S.anchored_rules()
 @pytest.mark.parametrize("rule", ANCHORED, ids=lambda r: "-".join(S.ids(x) for x in r))
 @given(data=st.data())
 def test_anchored_rules_equal_the_reference(rule, data):
-    """scan(chunk=b) == ref.scan_chunked(chunk=b) == the anchored loop written from DESIGN §4 and
+    """scan(chunk=b) == ref.scan_chunked(chunk=b) == the anchored loop written from docs/contract.md §4 and
     docs/internals.md; with b = 1 also == ref.scan (the per-token recurrence)."""
     b = data.draw(st.sampled_from([1, 2, 3, 5]), label="chunk")
     case = data.draw(S.cases(rule, T=lengths(b)))

@@ -1,4 +1,4 @@
-"""The anchored chunked scan (DESIGN §4) for every rule outside the exact family, with its backward.
+"""The anchored chunked scan (docs/contract.md §4) for every rule outside the exact family, with its backward.
 
 Inside a chunk every token's gradient is taken at the chunk's starting exposed weights W̄ (at c_i·W̄
 with c = the gate's `gradient_scale(α)`), so the b gradients of a chunk come from one forward and
@@ -110,7 +110,7 @@ class Grads(NamedTuple):
 
 def anchored_scan_fwd(state, K, V, Q, *, bias, lr, alpha=1.0, delta=None, beta=None, scale=None,
                       chunk=64):
-    """The anchored chunked scan of DESIGN §4 on raw arrays.
+    """The anchored chunked scan of docs/contract.md §4 on raw arrays.
 
     state: anything with memory, retention, algorithm, params (the stored quantity) and momentum
     (a MemoryState); K, Q (..., T, d_in), V (..., T, d_out); gates broadcast against (..., T): lr

@@ -1,7 +1,7 @@
 """Chunked WY/UT form of the gated delta rule, forward and hand-derived backward.
 
-The recurrence (every rule of DESIGN §4's exact family reduces to it; see
-docs/derivations/chunked-delta-rule.md for the mapping of gates):
+The recurrence (every rule of docs/contract.md §4's exact family reduces to it; see
+docs/derivations/chunked-delta.md for the mapping of gates):
 
     W_t = α_t W_{t−1} (I − b_t k_t k_tᵀ) + c_t v_t k_tᵀ,        y_t = W_t q_t   (read after the update)
 
@@ -11,7 +11,7 @@ space (g = cumsum log α; only ratios e^{g_t − g_i} with i ≤ t are ever expo
 U = (I + A)⁻¹ (diag(c) V − diag(b e^g) K Sᵀ) come from one unit-lower-triangular inverse per chunk,
 and all chunks are processed at once with batched matmuls; only the chunk-to-chunk state recurrence
 is sequential (as FLA's chunk_gated_delta_rule). The backward pass is derived in
-docs/derivations/scan-backward-delta-rule.md.
+docs/derivations/scan-backward-delta.md.
 
 Array-agnostic: the array namespace `xp` (numpy, or CuPy with mirascore.gpu.blas's capture-safe
 matmul) and the pieces `ops` are chosen once per call. `ops` is `ArrayPieces` (the formulas, here)
@@ -65,7 +65,7 @@ def _prepare(W0, K, V, Q, alpha, b, c, chunk):
     dtypes = [x.dtype for x in (W0, K, V, Q, alpha, b, c) if hasattr(x, "dtype")]
     dt = np.result_type(*dtypes, np.float32)          # Python-number gates do not promote
     if dt.kind != "f":
-        raise ValueError(f"chunk_delta needs real floating arrays; got dtypes {[str(d) for d in dtypes]}")
+        raise ValueError(f"delta_rule_scan needs real floating arrays; got dtypes {[str(d) for d in dtypes]}")
     W0, K, V, Q = (xp.asarray(x, dtype=dt) for x in arrays)
     alpha, b, c = (xp.asarray(x, dtype=dt) for x in (alpha, b, c))
     shapes = tuple(x.shape for x in (W0, K, V, Q, alpha, b, c))
@@ -347,7 +347,7 @@ def delta_rule_scan(W0, K, V, Q, alpha, b, c, *, chunk=64, kernels="auto"):
     W0 (..., d_v, d_k); K, Q (..., T, d_k); V (..., T, d_v); alpha, b, c broadcast against (..., T);
     α ∈ (0, 1], b, c ≥ 0 (not checked here: `mc.scan` validates). Any `chunk` ≥ 1 gives the same
     result up to rounding. One tree primitive of mirascore.autodiff with a hand-derived backward
-    pass for all seven array arguments (docs/derivations/scan-backward-delta-rule.md); first order.
+    pass for all seven array arguments (docs/derivations/scan-backward-delta.md); first order.
     """
     Y, W_T, saved = delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk, kernels)
     return (Y, W_T), saved

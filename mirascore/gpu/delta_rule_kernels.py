@@ -104,7 +104,7 @@ _strict_A = cupy.ElementwiseKernel(
     "const int t = (i / C) % C, j = i % C; A = (j < t) ? bt * D * KK : (T)0;",
     "mirascore_delta_strict_A")
 
-# backward pair terms from YU = dY Uᵀ and RU = dR Uᵀ (see chunk_delta_bwd):
+# backward pair terms from YU = dY Uᵀ and RU = dR Uᵀ (see mirascore.chunk.delta_rule.delta_rule_bwd):
 #   dPD = YU ⊙ D (incl. diagonal; D is 0 above it), dA = −RU strictly below the diagonal,
 #   M = b_t dA ⊙ D, E = (YU ⊙ QK + b_t dA ⊙ KK) ⊙ D, F = dA ⊙ D ⊙ KK
 _bwd_pairs = cupy.ElementwiseKernel(

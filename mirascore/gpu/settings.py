@@ -8,7 +8,7 @@
 
 Settings (a frozen record; change it only through `configure` / `using`):
   tf32                  float32 GEMMs of mirascore.gpu.blas on TF32 tensor cores (relative error about
-                        1e-3 per product; DESIGN §5 allows ≤ 1e-2 against float64). Default off.
+                        1e-3 per product; docs/contract.md §5 allows ≤ 1e-2 against float64). Default off.
   cuda_graphs           replay the anchored scan's chunk loops as CUDA graphs (mirascore.gpu.graph).
                         Default on; MIRASCORE_CUDA_GRAPHS=0 in the environment turns it off.
   max_graphs            how many recorded graphs are kept, least recently used first out; each holds
