@@ -145,8 +145,9 @@ def _missing(kind, spec, name, purpose, sources=()):
 
 
 def _pick(kind, spec, name, needed, purpose, derive=None, sources=()):
-    """spec.name, else the derivation (derive() -> callable or None), else: an error now if the
-    call needs it, or a stand-in that raises the same error if anything calls it later."""
+    """The spec's own method `name`, else its derivation (derive() -> callable or None, when the
+    spec has the `sources` it is derived from), else: an error now if the call needs it, or a
+    stand-in that raises the same error if anything calls it later."""
     own = getattr(spec, name, None)
     if own is not None:
         return own

@@ -46,17 +46,17 @@ def step(state, k, v, *, bias, retention=None, algorithm=None, lr, alpha=1.0, de
     mem = state.memory
     ops = protocols.per_token(mem, bias, state.retention, state.algorithm)
     check_rule_fits(mem, bias, state.retention, state.algorithm)
-    _, _, (k, v), g = validation.inputs(
+    _, _, (k, v), gates = validation.inputs(
         state, bias, retention, algorithm, [("k", k, mem.d_in, "d_in"), ("v", v, mem.d_out, "d_out")],
         {"lr": lr, "alpha": alpha, "delta": delta, "beta": beta}, time=False,
         check_finite=validation.flag("check_finite", check_finite))
-    alpha = g["alpha"] if ops.gate.uses_alpha else 1.0
+    alpha = gates["alpha"] if ops.gate.uses_alpha else 1.0
     W = tuple(ops.gate.expose(s) for s in state.params)
     c = ops.gate.gradient_scale(alpha)
     Wg = W if c is None else tuple(expand(c, 2) * w for w in W)
-    psi = ops.bias.psi(ops.memory.apply(Wg, k), v, g["delta"])
+    psi = ops.bias.psi(ops.memory.apply(Wg, k), v, gates["delta"])
     G = ops.memory.grad(Wg, k, psi)
-    U, S = ops.algorithm.update(G, state.momentum, ops.algorithm.effective_lr(g["lr"], k), g["beta"])
+    U, S = ops.algorithm.update(G, state.momentum, ops.algorithm.effective_lr(gates["lr"], k), gates["beta"])
     params = tuple(ops.gate.update(s, u, alpha) for s, u in zip(state.params, U))
     return state._replace(params=params, momentum=S)
 
@@ -74,8 +74,9 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     """
     chunk = validation.size("chunk", chunk)
     validation.choice("backend", backend, ("auto", "ref"))
+    protocols.require("algorithm", state.algorithm, ("uses_momentum",), "mc.scan")
     mem = state.memory
-    _, dtype, (K, V, Q), g = validation.inputs(
+    _, dtype, (K, V, Q), gates = validation.inputs(
         state, bias, retention, algorithm,
         [("K", K, mem.d_in, "d_in"), ("V", V, mem.d_out, "d_out"), ("Q", Q, mem.d_in, "d_in")],
         {"lr": lr, "alpha": alpha, "delta": delta, "beta": beta}, time=True,
@@ -83,10 +84,10 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     check_rule_fits(mem, bias, state.retention, state.algorithm)
     rule = Rule(mem, bias, state.retention, state.algorithm)
     if backend == "ref":
-        return _via_ref(state, K, V, Q, bias, g, chunk, is_exact(rule), dtype)
+        return _via_ref(state, K, V, Q, bias, gates, chunk, is_exact(rule), dtype)
     if is_exact(rule):
-        return _exact(state, bias, K, V, Q, g, chunk)
-    return _anchored(state, bias, K, V, Q, g, chunk)
+        return _exact(state, bias, K, V, Q, gates, chunk)
+    return _anchored(state, bias, K, V, Q, gates, chunk)
 
 
 def delta_rule_gates(rule, lr, alpha, K):
@@ -97,7 +98,7 @@ def delta_rule_gates(rule, lr, alpha, K):
     return rule.retention.delta_rule_gates(alpha, lr, rule.bias.psi_slope)
 
 
-def _exact(state, bias, K, V, Q, g, chunk):
+def _exact(state, bias, K, V, Q, gates, chunk):
     """Exact rules: the chunked WY/UT form of the delta rule, equal to the per-token loop for
     every chunk size."""
     from .chunk.delta_rule import delta_rule_scan
@@ -107,29 +108,29 @@ def _exact(state, bias, K, V, Q, g, chunk):
         dtype = xp.result_type(*map(unbox, (*state.params, K, V, Q)))
         return xp.zeros(batch + (0, state.memory.d_out), dtype=dtype), state
     rule = Rule(state.memory, bias, state.retention, state.algorithm)
-    alpha = g["alpha"] if getattr(state.retention, "uses_alpha", True) else 1.0
-    a, b, c = delta_rule_gates(rule, g["lr"], alpha, K)
+    alpha = gates["alpha"] if getattr(state.retention, "uses_alpha", True) else 1.0
+    a, b, c = delta_rule_gates(rule, gates["lr"], alpha, K)
     Y, W = delta_rule_scan(state.params[0], K, V, Q, a, b, c, chunk=chunk)
     return Y, state._replace(params=(W,))
 
 
-def _anchored(state, bias, K, V, Q, g, chunk):
+def _anchored(state, bias, K, V, Q, gates, chunk):
     """All other rules: the anchored chunked form, one primitive with a hand-derived backward."""
     from .chunk.anchored import anchored_scan
     Y, params, momentum = anchored_scan(
-        state.params, state.momentum, K, V, Q, g["lr"], g["alpha"], g["delta"], g["beta"],
+        state.params, state.momentum, K, V, Q, gates["lr"], gates["alpha"], gates["delta"], gates["beta"],
         memory=state.memory, bias=bias, retention=state.retention, algorithm=state.algorithm,
         chunk=chunk)
     return Y, state._replace(params=params, momentum=momentum)
 
 
-def _via_ref(state, K, V, Q, bias, g, chunk, exact, dtype):
+def _via_ref(state, K, V, Q, bias, gates, chunk, exact, dtype):
     """backend="ref": the float64 judge, results cast back to the input dtype."""
     from . import ref
-    gates = {name: x for name, x in g.items() if x is not None}
+    given = {name: x for name, x in gates.items() if x is not None}
     if exact:
-        Y, out = ref.scan(state, K, V, Q, bias=bias, **gates)
+        Y, out = ref.scan(state, K, V, Q, bias=bias, **given)
     else:
-        Y, out = ref.scan_chunked(state, K, V, Q, bias=bias, chunk=chunk, **gates)
+        Y, out = ref.scan_chunked(state, K, V, Q, bias=bias, chunk=chunk, **given)
     cast = lambda arrays: None if arrays is None else tuple(anp.astype(a, dtype) for a in arrays)  # noqa: E731
     return anp.astype(Y, dtype), out._replace(params=cast(out.params), momentum=cast(out.momentum))

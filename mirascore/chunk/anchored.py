@@ -226,17 +226,17 @@ def anchor_gradients(ops, xp, W_bar, K, V, delta=None, scale=None):
     return AnchorGradients(reads, mcache, bcache, Y, psi, tuple(zip(dO, reads.inputs)))
 
 
-def anchor_gradients_vjp(ops, ag, V, delta, dE, dF, dW_bar):
+def anchor_gradients_vjp(ops, grads, V, delta, dE, dF, dW_bar):
     """VJP of (W̄, K, V, δ, c) ↦ factor pairs, given the pairs' cotangents dE, dF (per parameter):
     the second-order terms through the memory's `backward_vjp` and the bias's `psi_vjp`, then the
     memory's backward of the forward. Accumulates dW̄ into the list dW_bar; returns (dK, dV,
     ddelta, dc) (ddelta, dc None where δ, c are not per-token arrays)."""
     mem, dscale = ops.memory, [0.0]
-    ddY, dcache = mem.backward_vjp(ag.mcache, ag.bcache, ag.psi, tuple(dE),
-                                   ag.reads.input_vjp_vjp(dW_bar, dscale))
-    dY, dV, ddelta = ops.bias.psi_vjp(ag.Y, V, delta, ddY)
-    _, dK, _ = mem.backward(ag.mcache, dY, ag.reads.vjp(dW_bar, dscale, dF), dcache=dcache)
-    return dK, dV, ddelta, None if ag.reads.c is None else dscale[0]
+    ddY, dcache = mem.backward_vjp(grads.mcache, grads.bcache, grads.psi, tuple(dE),
+                                   grads.reads.input_vjp_vjp(dW_bar, dscale))
+    dY, dV, ddelta = ops.bias.psi_vjp(grads.Y, V, delta, ddY)
+    _, dK, _ = mem.backward(grads.mcache, dY, grads.reads.vjp(dW_bar, dscale, dF), dcache=dcache)
+    return dK, dV, ddelta, None if grads.reads.c is None else dscale[0]
 
 
 class _ChunkCache(NamedTuple):
@@ -247,7 +247,7 @@ class _ChunkCache(NamedTuple):
     S_bar: tuple | None   # momentum at the chunk start
     grads: AnchorGradients
     factors: tuple        # (E, F) per parameter
-    co: object            # Coefficients
+    coef: object            # Coefficients
     s_lin: tuple          # chunk-end stored quantity before prox
     s_out: tuple
     W_out: tuple
@@ -264,8 +264,8 @@ def _chunk_forward(run, xp, s_in, S_in, tok):
     W_bar = tuple(gate.expose(x) for x in s_bar)
     grads = anchor_gradients(run.ops, xp, W_bar, tok.K, tok.V, tok.delta, tok.scale)
     factors = grads.factors
-    co = coefficients(xp, tok.lr, tok.alpha, tok.beta)
-    s_lin, S_out = chunk_end(xp, co, s_bar, S_in, factors)
+    coef = coefficients(xp, tok.lr, tok.alpha, tok.beta)
+    s_lin, S_out = chunk_end(xp, coef, s_bar, S_in, factors)
     s_out = tuple(gate.prox(x) for x in s_lin)
     W_out = tuple(gate.expose(x) for x in s_out)
     last = WeightReads(xp, W_out)
@@ -273,20 +273,20 @@ def _chunk_forward(run, xp, s_in, S_in, tok):
     reads = rcache = None
     b = tok.Q.shape[-2]
     if b > 1:
-        reads = _in_chunk_reads(xp, gate, co, s_bar, W_bar, S_in, factors, b - 1)
+        reads = _in_chunk_reads(xp, gate, coef, s_bar, W_bar, S_in, factors, b - 1)
         Y_in, rcache = mem.forward(reads.read, tok.Q[..., :-1, :])
         Y = xp.concatenate([Y_in, Y], axis=-2)
-    cache = _ChunkCache(s_in, s_bar, W_bar, S_in, grads, factors, co, s_lin, s_out, W_out, last,
+    cache = _ChunkCache(s_in, s_bar, W_bar, S_in, grads, factors, coef, s_lin, s_out, W_out, last,
                         lcache, reads, rcache)
     return Y, s_out, S_out, cache
 
 
-def _in_chunk_reads(xp, gate, co, s_bar, W_bar, S_bar, factors, t):
+def _in_chunk_reads(xp, gate, coef, s_bar, W_bar, S_bar, factors, t):
     """The reads of rows 0..t−1 (docs/internals.md): ν̄·s_t in the dual form, or W̄."""
     nu = tuple(gate.read_scale(x) for x in s_bar)
     if nu[0] is None:
         return WeightReads(xp, W_bar)
-    rows = (co.A[..., :t], None if co.m is None else co.m[..., :t], co.C[..., :t, :])
+    rows = (coef.A[..., :t], None if coef.m is None else coef.m[..., :t], coef.C[..., :t, :])
     return DualReads(xp, rows, s_bar, S_bar, factors, nu)
 
 
@@ -305,16 +305,16 @@ class _Cotangents:
         self.dnu = [None] * n
         self.dE = [zeros(E) for E, _ in cache.factors]
         self.dF = [zeros(F) for _, F in cache.factors]
-        co = cache.co
-        self.dA_rows = zeros(co.A[..., :t])
-        self.dm_rows = None if co.m is None else zeros(co.m[..., :t])
-        self.dC_rows = zeros(co.C[..., :t, :])
+        coef = cache.coef
+        self.dA_rows = zeros(coef.A[..., :t])
+        self.dm_rows = None if coef.m is None else zeros(coef.m[..., :t])
+        self.dC_rows = zeros(coef.C[..., :t, :])
 
 
 def _chunk_backward(run, xp, cache, tok, dY, ds_out, dS_out):
     """Reverse one chunk. dY (..., b, d_out); ds_out, dS_out: cotangents of the chunk's returned
     stored quantity and momentum (per param). Returns (ds_in, dS_in, token grads as a Tokens)."""
-    mem, gate, co = run.ops.memory, run.ops.gate, cache.co
+    mem, gate, coef = run.ops.memory, run.ops.gate, cache.coef
     b = tok.K.shape[-2]
     acc = _Cotangents(xp, cache, b - 1)
 
@@ -324,19 +324,17 @@ def _chunk_backward(run, xp, cache, tok, dY, ds_out, dS_out):
     ds_lin = [gate.prox_vjp(s_lin, ds + gate.expose_vjp(s_out, W_out, dW))
               for s_lin, ds, s_out, W_out, dW in zip(cache.s_lin, ds_out, cache.s_out,
                                                        cache.W_out, dW_out)]
-    dA_b, dm_b, dP_end, dC_b, dw = chunk_end_vjp(xp, co, cache.s_bar, cache.S_bar, cache.factors,
+    dA_b, dm_b, dP_end, dC_b, dw = chunk_end_vjp(xp, coef, cache.s_bar, cache.S_bar, cache.factors,
                                                  ds_lin, dS_out, acc)
     if b > 1:                                      # the in-chunk reads
-        read_vjp = cache.reads.vjp(acc) if isinstance(cache.reads, DualReads) else \
-            cache.reads.vjp(acc.dW_bar, None)
-        _, dQin, _ = mem.backward(cache.rcache, dY[..., :-1, :], read_vjp)
+        _, dQin, _ = mem.backward(cache.rcache, dY[..., :-1, :], cache.reads.in_chunk_vjp(acc))
         dQ = xp.concatenate([dQin, dQ], axis=-2)
 
     # coefficients -> gates
     dA = xp.concatenate([acc.dA_rows, dA_b[..., None]], axis=-1)
     dC = xp.concatenate([acc.dC_rows, dC_b[..., None, :]], axis=-2)
-    dm = None if co.m is None else xp.concatenate([acc.dm_rows, dm_b[..., None]], axis=-1)
-    dlr, dalpha, dbeta = coefficients_vjp(xp, co, dA, dC, dm, dP_end, dw)
+    dm = None if coef.m is None else xp.concatenate([acc.dm_rows, dm_b[..., None]], axis=-1)
+    dlr, dalpha, dbeta = coefficients_vjp(xp, coef, dA, dC, dm, dP_end, dw)
 
     # factors -> anchor, keys, values, δ and the gradient point's c
     dK, dV, ddelta, dscale = anchor_gradients_vjp(run.ops, cache.grads, tok.V, tok.delta, acc.dE,

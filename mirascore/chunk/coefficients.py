@@ -78,24 +78,24 @@ def _assemble(xp, col0, D):
     return out
 
 
-def coefficients_vjp(xp, co, dA, dC, dm, dP_end, dw):
+def coefficients_vjp(xp, coef, dA, dC, dm, dP_end, dw):
     """(dlr, dalpha, dbeta) (..., b) from the coefficients' cotangents (dm, dP_end, dw None for gd)."""
-    lr = co.lr
-    dlr = (dC * co.R).sum(axis=-2)
+    lr = coef.lr
+    dlr = (dC * coef.R).sum(axis=-2)
     dR = dC * lr[..., None, :]
     dbeta = None
-    if co.Xb is None:
+    if coef.Xb is None:
         dDa = dR
     else:
-        Da, Db, P = co.Xa[..., 1:, 1:], co.Xb[..., 1:, 1:], co.Xb[..., 1:, 0]
+        Da, Db, P = coef.Xa[..., 1:, 1:], coef.Xb[..., 1:, 1:], coef.Xb[..., 1:, 0]
         dlr = dlr + dw * Db[..., -1, :]
         dDb = xp.matmul(Da.swapaxes(-1, -2), dR)
         dDb[..., -1, :] += dw * lr
         dDa = xp.matmul(dR, Db.swapaxes(-1, -2)) + dm[..., :, None] * P[..., None, :]
         dP = xp.matmul(Da.swapaxes(-1, -2), dm[..., None])[..., 0]
         dP[..., -1] += dP_end
-        dbeta = decay_matrix_vjp(xp, co.Xb, _assemble(xp, dP, dDb))
-    return dlr, decay_matrix_vjp(xp, co.Xa, _assemble(xp, dA, dDa)), dbeta
+        dbeta = decay_matrix_vjp(xp, coef.Xb, _assemble(xp, dP, dDb))
+    return dlr, decay_matrix_vjp(xp, coef.Xa, _assemble(xp, dA, dDa)), dbeta
 
 
 # ---------------------------------------------------------------- chunk end
@@ -105,43 +105,43 @@ def per_matrix(x):
     return x[..., None, None]
 
 
-def chunk_end(xp, co, s_bar, S_bar, factors):
+def chunk_end(xp, coef, s_bar, S_bar, factors):
     """s_b = A_b s̄ + m_b S̄ − Eᵀ diag(C_b·) F and S_b = P_b S̄ − Eᵀ diag(w) F, per parameter."""
-    Cb, Ab = co.C[..., -1, :, None], per_matrix(co.A[..., -1])
+    Cb, Ab = coef.C[..., -1, :, None], per_matrix(coef.A[..., -1])
     s_lin, S_out = [], []
     for p, (E, F) in enumerate(factors):
         x = Ab * s_bar[p] - xp.matmul(E.swapaxes(-1, -2), Cb * F)
-        if co.m is not None:
-            x = x + per_matrix(co.m[..., -1]) * S_bar[p]
-            S_out.append(per_matrix(co.P_end) * S_bar[p]
-                         - xp.matmul(E.swapaxes(-1, -2), co.w[..., :, None] * F))
+        if coef.m is not None:
+            x = x + per_matrix(coef.m[..., -1]) * S_bar[p]
+            S_out.append(per_matrix(coef.P_end) * S_bar[p]
+                         - xp.matmul(E.swapaxes(-1, -2), coef.w[..., :, None] * F))
         s_lin.append(x)
-    return tuple(s_lin), (tuple(S_out) if co.m is not None else None)
+    return tuple(s_lin), (tuple(S_out) if coef.m is not None else None)
 
 
-def chunk_end_vjp(xp, co, s_bar, S_bar, factors, ds_lin, dS_out, acc):
+def chunk_end_vjp(xp, coef, s_bar, S_bar, factors, ds_lin, dS_out, acc):
     """Transpose of `chunk_end`. Accumulates ds̄, dS̄, dE, dF into acc; returns (dA_b, dm_b,
     dP_end, dC_b·, dw), where e_iᵀ X f_i is the row sum of E ⊙ (F Xᵀ): matmuls, never a
     per-token matrix."""
-    Cb = co.C[..., -1, :]
+    Cb = coef.C[..., -1, :]
     dA_b = dm_b = dP_end = 0.0
-    dC_b, dw = xp.zeros_like(Cb), None if co.w is None else xp.zeros_like(co.w)
+    dC_b, dw = xp.zeros_like(Cb), None if coef.w is None else xp.zeros_like(coef.w)
     for p, (E, F) in enumerate(factors):
         g = ds_lin[p]
-        acc.ds_bar[p] = acc.ds_bar[p] + per_matrix(co.A[..., -1]) * g
+        acc.ds_bar[p] = acc.ds_bar[p] + per_matrix(coef.A[..., -1]) * g
         dA_b = dA_b + (g * s_bar[p]).sum(axis=(-2, -1))
         FgT = xp.matmul(F, g.swapaxes(-1, -2))
         dC_b = dC_b - (E * FgT).sum(axis=-1)
         acc.dE[p] = acc.dE[p] - Cb[..., None] * FgT
         acc.dF[p] = acc.dF[p] - Cb[..., None] * xp.matmul(E, g)
-        if co.m is None:
+        if coef.m is None:
             continue
         G = dS_out[p]
-        acc.dS_bar[p] = acc.dS_bar[p] + per_matrix(co.m[..., -1]) * g + per_matrix(co.P_end) * G
+        acc.dS_bar[p] = acc.dS_bar[p] + per_matrix(coef.m[..., -1]) * g + per_matrix(coef.P_end) * G
         dm_b = dm_b + (g * S_bar[p]).sum(axis=(-2, -1))
         dP_end = dP_end + (G * S_bar[p]).sum(axis=(-2, -1))
         FGT = xp.matmul(F, G.swapaxes(-1, -2))
         dw = dw - (E * FGT).sum(axis=-1)
-        acc.dE[p] = acc.dE[p] - co.w[..., :, None] * FGT
-        acc.dF[p] = acc.dF[p] - co.w[..., :, None] * xp.matmul(E, G)
+        acc.dE[p] = acc.dE[p] - coef.w[..., :, None] * FGT
+        acc.dF[p] = acc.dF[p] - coef.w[..., :, None] * xp.matmul(E, G)
     return dA_b, dm_b, dP_end, dC_b, dw

@@ -59,6 +59,10 @@ class WeightReads:
             return dZ if extra is None else dZ + extra[p]
         return read_vjp
 
+    def in_chunk_vjp(self, acc):
+        """The read_vjp of the chunk's in-chunk reads: parameter cotangents into acc.dW_bar."""
+        return self.vjp(acc.dW_bar, None)
+
     def input_vjp_vjp(self, dW, dc):
         """The VJP of `input_vjp`, (dO, W_p, c) ↦ c ⊙ (dO W_p), for a cotangent ddZ: accumulates
         dW[p] += dOᵀ (c ⊙ ddZ) and dc[0] += rowsum(ddZ ⊙ dO W_p); returns the cotangent of dO."""
@@ -97,7 +101,7 @@ class DualReads:
         self.inputs[p], self.raw[p] = X, O
         return self.nu[p] * O
 
-    def vjp(self, acc):
+    def in_chunk_vjp(self, acc):
         """read_vjp accumulating into the chunk's cotangents `acc` (ds_bar, dS_bar, dnu, dE, dF,
         dA_rows, dm_rows, dC_rows); returns dX."""
         xp, (A, m, C) = self.xp, self.rows

@@ -27,12 +27,12 @@ def scan(state, K, V, Q, *, bias, lr, alpha=1.0, delta=None, beta=None, retentio
     Returns (Y (..., T, d_out), final MemoryState), float64.
     """
     ops = protocols.reference(state.memory, bias, state.retention, state.algorithm)
-    s, S, (K, V, Q), g = _start(state, K, V, Q, bias, retention, algorithm, lr, alpha, delta, beta)
+    s, S, (K, V, Q), gates = _start(state, K, V, Q, bias, retention, algorithm, lr, alpha, delta, beta)
     gate, ys = ops.gate, []
     for t in range(K.shape[-2]):
         W = tuple(gate.expose(x) for x in s)
-        U, S = _direction(ops, W, S, K[..., t, :], V[..., t, :], g, t)
-        s = tuple(gate.update(x, u, g["alpha"][..., t]) for x, u in zip(s, U))
+        U, S = _direction(ops, W, S, K[..., t, :], V[..., t, :], gates, t)
+        s = tuple(gate.update(x, u, gates["alpha"][..., t]) for x, u in zip(s, U))
         ys.append(ops.memory.apply(tuple(gate.expose(x) for x in s), Q[..., t, :]))
     return _stack(ys, s, Q, state.memory.d_out), state._replace(params=s, momentum=S)
 
@@ -48,15 +48,15 @@ def scan_chunked(state, K, V, Q, *, bias, lr, chunk, alpha=1.0, delta=None, beta
     """
     chunk = validation.size("chunk", chunk)
     ops = protocols.reference(state.memory, bias, state.retention, state.algorithm)
-    s, S, (K, V, Q), g = _start(state, K, V, Q, bias, retention, algorithm, lr, alpha, delta, beta)
+    s, S, (K, V, Q), gates = _start(state, K, V, Q, bias, retention, algorithm, lr, alpha, delta, beta)
     gate, ys, T = ops.gate, [], K.shape[-2]
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         s = s_bar = tuple(gate.canonical(x) for x in s)
         W_bar = tuple(gate.expose(x) for x in s_bar)
         for t in range(start, end):
-            a = expand(g["alpha"][..., t], 2) if gate.uses_alpha else 1.0   # none(): W ← W + U
-            U, S = _direction(ops, W_bar, S, K[..., t, :], V[..., t, :], g, t)
+            a = expand(gates["alpha"][..., t], 2) if gate.uses_alpha else 1.0   # none(): W ← W + U
+            U, S = _direction(ops, W_bar, S, K[..., t, :], V[..., t, :], gates, t)
             s = tuple(a * x + u for x, u in zip(s, U))
             if t < end - 1:
                 W = tuple(_read(gate, x, x_bar, w_bar) for x, x_bar, w_bar in zip(s, s_bar, W_bar))
@@ -69,17 +69,17 @@ def scan_chunked(state, K, V, Q, *, bias, lr, chunk, alpha=1.0, delta=None, beta
 
 # ---------------------------------------------------------------- one token
 
-def _direction(ops, W, S, k, v, g, t):
+def _direction(ops, W, S, k, v, gates, t):
     """(U, S') for token t with the gradient taken at c·W (docs/contract.md §3)."""
-    c = ops.gate.gradient_scale(g["alpha"][..., t])
+    c = ops.gate.gradient_scale(gates["alpha"][..., t])
     if c is not None:
         W = tuple(expand(c, 2) * w for w in W)
-    delta = None if g["delta"] is None else g["delta"][..., t]
+    delta = None if gates["delta"] is None else gates["delta"][..., t]
     y, pullback = protocols.apply_with_pullback(ops.memory.apply, W, k)
     G = pullback(ops.bias.psi(y, v, delta))                          # J_Wᵀ ψ by autodiff
-    lr = expand(ops.algorithm.effective_lr(g["lr"][..., t], k), 2)
+    lr = expand(ops.algorithm.effective_lr(gates["lr"][..., t], k), 2)
     if ops.algorithm.uses_momentum:
-        beta = expand(g["beta"][..., t], 2)
+        beta = expand(gates["beta"][..., t], 2)
         S = tuple(beta * s_ - lr * G_ for s_, G_ in zip(S, G))      # S ← β·S − lr·G
         return S, S                                                  # U = S
     return tuple(-lr * G_ for G_ in G), S                            # U = −lr·G
@@ -114,8 +114,8 @@ def _start(state, K, V, Q, bias, retention, algorithm, lr, alpha, delta, beta):
 
     s = tuple(f64(p) for p in state.params)
     S = None if state.momentum is None else tuple(f64(m) for m in state.momentum)
-    g = {name: None if x is None else series(x) for name, x in gates.items()}
-    return s, S, (f64(K), f64(V), f64(Q)), g
+    return s, S, (f64(K), f64(V), f64(Q)), {name: None if x is None else series(x)
+                                            for name, x in gates.items()}
 
 
 def _stack(ys, s, Q, d_out):
