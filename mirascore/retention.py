@@ -208,7 +208,9 @@ class KL(NamedTuple):
         return W * (dW - anp.sum(dW * W, axis=-1, keepdims=True) / self.scale)
 
     def canonical(self, s):
-        return anp.log_softmax(s, axis=-1)
+        """log_softmax(L) = log(W/scale), shifted by the row maximum (whose derivative cancels)."""
+        z = s - anp.max(s, axis=-1, keepdims=True)
+        return z - anp.log(anp.sum(anp.exp(z), axis=-1, keepdims=True))
 
     def canonical_vjp(self, s, ds):
         return ds - self.expose(s) / self.scale * anp.sum(ds, axis=-1, keepdims=True)

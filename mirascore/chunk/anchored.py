@@ -231,7 +231,7 @@ def anchor_gradients_vjp(ops, grads, V, delta, dE, dF, dW_bar):
     the second-order terms through the memory's `backward_vjp` and the bias's `psi_vjp`, then the
     memory's backward of the forward. Accumulates dW̄ into the list dW_bar; returns (dK, dV,
     ddelta, dc) (ddelta, dc None where δ, c are not per-token arrays)."""
-    mem, dscale = ops.memory, [0.0]
+    mem, dscale = ops.memory, [None]
     ddY, dcache = mem.backward_vjp(grads.mcache, grads.bcache, grads.psi, tuple(dE),
                                    grads.reads.input_vjp_vjp(dW_bar, dscale))
     dY, dV, ddelta = ops.bias.psi_vjp(grads.Y, V, delta, ddY)
@@ -301,7 +301,7 @@ class _Cotangents:
         n = len(cache.s_bar)
         self.ds_bar = [zeros(x) for x in cache.s_bar]
         self.dS_bar = None if cache.S_bar is None else [zeros(x) for x in cache.S_bar]
-        self.dW_bar = [zeros(x) for x in cache.W_bar]
+        self.dW_bar = [None] * n                 # filled by the reads' VJPs
         self.dnu = [None] * n
         self.dE = [zeros(E) for E, _ in cache.factors]
         self.dF = [zeros(F) for _, F in cache.factors]
@@ -319,8 +319,9 @@ def _chunk_backward(run, xp, cache, tok, dY, ds_out, dS_out):
     acc = _Cotangents(xp, cache, b - 1)
 
     # the last token's read of the returned state, W_out = expose(s_out), s_out = prox(s_lin)
-    dW_out = [xp.zeros_like(W) for W in cache.W_out]
+    dW_out = [None] * len(cache.W_out)
     _, dQ, _ = mem.backward(cache.lcache, dY[..., -1:, :], cache.last.vjp(dW_out, None))
+    dW_out = [_accumulated(xp, d, W) for d, W in zip(dW_out, cache.W_out)]
     ds_lin = [gate.prox_vjp(s_lin, ds + gate.expose_vjp(s_out, W_out, dW))
               for s_lin, ds, s_out, W_out, dW in zip(cache.s_lin, ds_out, cache.s_out,
                                                        cache.W_out, dW_out)]
@@ -341,10 +342,16 @@ def _chunk_backward(run, xp, cache, tok, dY, ds_out, dS_out):
                                                   acc.dF, acc.dW_bar)
 
     # anchor -> the stored quantity handed in
+    dW_bar = [_accumulated(xp, d, W) for d, W in zip(acc.dW_bar, cache.W_bar)]
     ds_in = [gate.canonical_vjp(s_in, ds + gate.anchor_vjp(s_bar, W_bar, dW, dnu))
              for s_in, ds, s_bar, W_bar, dW, dnu in zip(cache.s_in, acc.ds_bar, cache.s_bar,
-                                                         cache.W_bar, acc.dW_bar, acc.dnu)]
+                                                         cache.W_bar, dW_bar, acc.dnu)]
     return ds_in, acc.dS_bar, Tokens(dK, dV, dQ, dlr, dalpha, ddelta, dbeta, dscale)
+
+
+def _accumulated(xp, d, like):
+    """An accumulated cotangent, or zeros if nothing arrived (a parameter no read touched)."""
+    return xp.zeros_like(like) if d is None else d
 
 
 def anchored_scan_bwd(saved, dY, dfinal=None):

@@ -19,7 +19,17 @@ def _scaled(x, c):
     return x if c is None else c[..., None] * x
 
 
+def _constant(nu):
+    """A read scale given as a Python number: no gradient, and 1 costs no multiplication."""
+    return isinstance(nu, (int, float))
+
+
+def _times(nu, x):
+    return x if _constant(nu) and nu == 1 else nu * x
+
+
 def _add(total, x):
+    """total + x, where a None total (nothing accumulated yet) costs no zeros and no addition."""
     return x if total is None else total + x
 
 
@@ -46,15 +56,16 @@ class WeightReads:
 
     def vjp(self, dW, dc, extra=None):
         """The read_vjp of a backward pass: accumulates dW[p] += (c ⊙ dO)ᵀ Z_p and dc[0] +=
-        rowsum(dO ⊙ Z_p W_pᵀ), and returns c ⊙ (dO W_p) plus extra[p] (cotangents of Z_p
-        arriving by another path, e.g. the gradient's right factors)."""
+        rowsum(dO ⊙ Z_p W_pᵀ) (entries None until something arrives), and returns c ⊙ (dO W_p)
+        plus extra[p] (cotangents of Z_p arriving by another path, e.g. the gradient's right
+        factors)."""
         xp, c = self.xp, self.c
 
         def read_vjp(p, dO):
             dO_c = _scaled(dO, c)
-            dW[p] = dW[p] + xp.matmul(dO_c.swapaxes(-1, -2), self.inputs[p])
+            dW[p] = _add(dW[p], xp.matmul(dO_c.swapaxes(-1, -2), self.inputs[p]))
             if c is not None:
-                dc[0] = dc[0] + (dO * self.products[p]).sum(axis=-1)
+                dc[0] = _add(dc[0], (dO * self.products[p]).sum(axis=-1))
             dZ = xp.matmul(dO_c, self.W[p])
             return dZ if extra is None else dZ + extra[p]
         return read_vjp
@@ -70,9 +81,9 @@ class WeightReads:
 
         def vjp_vjp(p, dO, ddZ):
             ddZ_c = _scaled(ddZ, c)
-            dW[p] = dW[p] + xp.matmul(dO.swapaxes(-1, -2), ddZ_c)
+            dW[p] = _add(dW[p], xp.matmul(dO.swapaxes(-1, -2), ddZ_c))
             if c is not None:
-                dc[0] = dc[0] + (ddZ * self.input_products[p]).sum(axis=-1)
+                dc[0] = _add(dc[0], (ddZ * self.input_products[p]).sum(axis=-1))
             return xp.matmul(ddZ_c, self.W[p].swapaxes(-1, -2))
         return vjp_vjp
 
@@ -99,7 +110,7 @@ class DualReads:
         if m is not None:
             O = O + m[..., None] * xp.matmul(X, self.S_bar[p].swapaxes(-1, -2))
         self.inputs[p], self.raw[p] = X, O
-        return self.nu[p] * O
+        return _times(self.nu[p], O)
 
     def in_chunk_vjp(self, acc):
         """read_vjp accumulating into the chunk's cotangents `acc` (ds_bar, dS_bar, dnu, dE, dF,
@@ -107,9 +118,9 @@ class DualReads:
         xp, (A, m, C) = self.xp, self.rows
 
         def read_vjp(p, dO):
-            if not isinstance(self.nu[p], (int, float)):
+            if not _constant(self.nu[p]):
                 acc.dnu[p] = _add(acc.dnu[p], (dO * self.raw[p]).sum(axis=(-2, -1), keepdims=True))
-            G = self.nu[p] * dO
+            G = _times(self.nu[p], dO)
             X, base, (E, F) = self.inputs[p], self.s_bar[p], self.factors[p]
             AG = A[..., None] * G
             acc.dA_rows = acc.dA_rows + (G * xp.matmul(X, base.swapaxes(-1, -2))).sum(axis=-1)
