@@ -191,3 +191,15 @@ def test_gpu_equals_cpu(name):
         np.testing.assert_allclose(gpu_grads[n].get(), grads[n], rtol=1e-7, atol=1e-10)
     stepped = decode_all(gpu_params, cupy.asarray(toks), cfg)
     np.testing.assert_allclose(stepped.get(), model.forward(params, toks, cfg), rtol=1e-9, atol=1e-9)
+
+
+def test_alpha_floor_bounds_the_retention_gate():
+    """alpha = floor + (1 − floor)·exp(−softplus(g)) lies in (floor, 1] for any pre-activation."""
+    from mirascore.lm import mixers
+    g = np.array([-1e3, -20.0, 0.0, 20.0, 1e3])
+    for floor in (0.0, 0.5, 0.999):
+        alpha = mixers._squash("alpha", g, tiny("moneta", alpha_floor=floor))
+        assert np.all(alpha >= floor) and np.all(alpha <= 1.0)
+        assert np.all(np.diff(alpha) <= 0)
+    with pytest.raises(ValueError, match="alpha_floor"):
+        tiny("moneta", alpha_floor=1.0)

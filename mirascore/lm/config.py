@@ -30,7 +30,7 @@ import mirascore as mc
 TRANSFORMER = "transformer"
 MODEL_KEYS = ("model", "vocab", "width", "depth", "heads", "ffn_hidden", "tie_embeddings",
               "norm_eps", "init_std", "rope_base", "attention_block", "chunk", "conv",
-              "gate_rank", "expansion", "lr_gate_max", "rule")
+              "gate_rank", "expansion", "lr_gate_max", "alpha_floor", "rule")
 TRAIN_KEYS = ("steps", "batch", "context", "accumulate", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "beta1", "beta2", "adam_eps", "clip", "seed", "dtype", "tf32",
               "log_every", "eval_every", "eval_batches", "checkpoint_every")
@@ -56,6 +56,7 @@ class Config:
     gate_rank: int = 32          # Miras mixers: rank of the low-rank gate projections
     expansion: int = 4           # Miras mixers with an mlp memory: hidden = expansion·head_dim
     lr_gate_max: float = 1.0     # Miras mixers: the inner learning rate is lr_gate_max·sigmoid(·)
+    alpha_floor: float = 0.0     # Miras mixers: the retention gate alpha lies in (alpha_floor, 1)
     rule: dict = field(default_factory=dict)   # the preset's own hyperparameters, e.g. {p=3, q=4}
     # [train]
     steps: int = 1000            # optimizer steps; the schedule spans them
@@ -196,6 +197,7 @@ def validate(cfg):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)!r}")
     _range("min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0)
+    _range("alpha_floor", cfg.alpha_floor, 0.0, 1.0, high_open=True)
     _range("beta1", cfg.beta1, 0.0, 1.0, high_open=True)
     _range("beta2", cfg.beta2, 0.0, 1.0, high_open=True)
     if cfg.weight_decay < 0:

@@ -139,12 +139,13 @@ _GATE_BIAS = {"lr": lambda H: np.zeros(H),                       # lr = lr_gate_
 
 
 def _squash(name, g, cfg):
-    """Gate pre-activations (B, H, T) to their ranges: lr ∈ (0, lr_gate_max), alpha ∈ (0, 1),
-    delta > 0, beta ∈ (0, 1)."""
+    """Gate pre-activations (B, H, T) to their ranges: lr ∈ (0, lr_gate_max),
+    alpha ∈ (alpha_floor, 1), delta > 0, beta ∈ (0, 1)."""
     if name == "lr":
         return cfg.lr_gate_max * anp.sigmoid(g)
     if name == "alpha":
-        return anp.exp(-softplus(g))
+        decay = anp.exp(-softplus(g))
+        return decay if not cfg.alpha_floor else cfg.alpha_floor + (1.0 - cfg.alpha_floor) * decay
     if name == "delta":
         return softplus(g)
     return anp.sigmoid(g)
