@@ -36,7 +36,7 @@ def to_xp(params, xp):
 # Yaad's bias switches between ℓ2 and ℓ1 gradients at ‖r‖ = δ, a jump of ψ: a finite difference
 # whose two points straddle a switch measures the jump, not the gradient. These seeds straddle none
 # (checked: shrinking eps makes the gap grow like 1/eps where one does, a bug would not).
-GRAD_SEED = {"yaad": 0}
+GRAD_SEED = {"yaad": 1}
 # Moneta's exposed memory W = A/‖A‖₄² is strongly curved where the accumulator's norm is small:
 # the central difference's O(eps²·f‴) error is 7e-5 at eps = 1e-6 and 7e-7 at 1e-7 (measured: it
 # falls 100× per decade of eps, as a truncation error must, while the gradient stays), so Moneta

@@ -132,10 +132,19 @@ def _alpha_bias(heads):
     return np.log(np.expm1(forget))
 
 
-_GATE_BIAS = {"lr": lambda H: np.zeros(H),                       # lr = lr_gate_max / 2
-              "alpha": _alpha_bias,
-              "delta": lambda H: np.full(H, math.log(math.expm1(1.0))),   # δ = 1
-              "beta": lambda H: np.zeros(H)}                     # momentum decay 1/2
+def _delta_bias(heads, head_dim):
+    """Huber's threshold at initialisation: δ = 1/√head_dim. Yaad's mixture takes ψ = δ·sign(r)
+    beyond ‖r‖ = δ, whose norm is δ·√head_dim: this δ makes that ℓ1 step a unit-norm one (a
+    sign-descent memory, bounded whatever the residual), the ℓ2 branch taking the residuals
+    smaller than δ. With δ = 1 the ℓ1 steps have norm √head_dim and the gradient through a
+    512-token context reached 1e5–1e7 (measured; docs/training.md)."""
+    return np.full(heads, math.log(math.expm1(1.0 / math.sqrt(head_dim))))
+
+
+_GATE_BIAS = {"lr": lambda H, D: np.zeros(H),                    # lr = lr_gate_max / 2
+              "alpha": lambda H, D: _alpha_bias(H),
+              "delta": _delta_bias,
+              "beta": lambda H, D: np.zeros(H)}                  # momentum decay 1/2
 
 
 def _squash(name, g, cfg):
@@ -163,11 +172,17 @@ def stored_from_weights(retention, W):
 def _initial_memory(rule, index):
     """Initialiser of the learned initial memory (stored quantity) of parameter `index`, per head:
     the memory's own random start mapped through the gate's inverse; for kl and sigmoid, whose
-    stored quantities are logits, N(0, 1) logits (rows of scale·softmax then vary)."""
+    stored quantities are logits, N(0, 1) logits (rows of scale·softmax then vary).
+    The memory's own start is drawn for inputs of unit-variance coordinates, but the layer feeds
+    it ℓ2-normalised keys (coordinates of size 1/√d): the matrix applied to the key (the mlp's W2)
+    is scaled by √d, so that its pre-activations have unit scale as intended. Smaller ones put
+    the memory's LN near its eps, where the inner loss's curvature (∝ 1/var) is large."""
     def init(rng, shape):
         if rule.retention.name in ("kl", "sigmoid"):
             return rng.standard_normal(shape)
         W = rule.memory.init(rng, batch_shape=shape[:1], dtype=np.float64)[index]
+        if rule.memory.name == "mlp" and index == 1:
+            W = W * math.sqrt(rule.memory.d_in)
         return stored_from_weights(rule.retention, W)
     return init
 
@@ -188,7 +203,7 @@ class Miras:
         out["gates.down.weight"] = projection(cfg, C, cfg.gate_rank)
         out["gates.up.weight"] = projection(cfg, cfg.gate_rank, len(gates) * H)
         out["gates.bias"] = Param((len(gates) * H,), constant(np.concatenate(
-            [_GATE_BIAS[g](H) for g in gates])), False)
+            [_GATE_BIAS[g](H, cfg.head_dim) for g in gates])), False)
         if rule.memory.name != "linear":          # a linear memory starts empty, as in FLA
             for i, shape in enumerate(rule.memory.param_shapes()):
                 out[f"memory.{i}"] = Param((H,) + shape, _initial_memory(rule, i), False)
