@@ -48,7 +48,7 @@ def _lq(rng, shape, dtype):
     A, dW = _data(rng, shape, dtype), _data(rng, shape, dtype)
     nu = np.abs(_data(rng, shape[:-2] + (1, 1), dtype, zeros=False))
     coef = _data(rng, shape[:-2] + (1, 1), dtype, zeros=False)
-    q = rng.choice([1.5, 2.0, 3.0, 4.0])
+    q = float(rng.choice([1.5, 2.0, 3.0, 4.0]))     # a Python float, as the specs hold it
     return [(retention.lq_power_sum, (A, q)), (retention.lq_norm_vjp, (A, nu, dW, coef, q)),
             (retention.lq_norm_vjp, (A, None, None, coef, q))]
 
@@ -56,7 +56,7 @@ def _lq(rng, shape, dtype):
 def _lp(rng, shape, dtype):
     r = rng.standard_normal(shape)
     r = (np.sign(r) * (np.abs(r) + 0.05)).astype(dtype)      # |r| ≥ 0.05: |r|^(p−2) stays finite
-    return [(bias.lp_psi_derivative, (r, _data(rng, shape, dtype, zeros=False), rng.choice([1.5, 3.0, 4.0])))]
+    return [(bias.lp_psi_derivative, (r, _data(rng, shape, dtype, zeros=False), float(rng.choice([1.5, 3.0, 4.0]))))]
 
 
 CASES = {memory.gelu: _gelu_family, memory.gelu_prime: _gelu_family, memory.gelu_second: _gelu_family,

@@ -351,6 +351,7 @@ def test_gpu_matches_cpu_and_naive(dtype, T, block):
     assert_close("attend_cached", attend_cached(q[..., T - 1, :], k, v, T), out[..., T - 1, :],
                  rtol=rtol)
     if dtype == np.float64:
-        head = tuple(x[..., :9, :] for x in (q, k, v))
+        n = min(T, 9)
+        head = tuple(x[..., :n, :] for x in (q, k, v))
         ad.check_grads(lambda *a: causal_attention(*a, block=4), *head, order=1)
-        ad.check_grads(lambda x: rope(x, np.arange(9)), head[0], order=2)
+        ad.check_grads(lambda x: rope(x, np.arange(n)), head[0], order=2)

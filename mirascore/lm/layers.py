@@ -63,6 +63,27 @@ def merge_heads(x):
 
 
 @ad.primitive
+def embed(weight, tokens):
+    """weight[tokens]: the rows of weight (V, C) for int tokens (...) -> (..., C)."""
+    return weight[tokens]
+
+
+def _embed_vjp(ans, weight, tokens):
+    """∂/∂weight = onehot(tokens)ᵀ · g, as one matrix product: deterministic on the GPU, where
+    a scatter-add of the rows (atomics) sums in a different order on every run and would break
+    bit-exact resume."""
+    def vjp(g):
+        xp = namespace(weight)
+        flat = tokens.reshape(-1)
+        onehot = (flat[:, None] == xp.arange(weight.shape[0])[None, :]).astype(weight.dtype)
+        return xp.matmul(onehot.T, g.reshape(flat.shape[0], weight.shape[1]))
+    return vjp
+
+
+ad.defvjp(embed, _embed_vjp, None)
+
+
+@ad.primitive
 def cross_entropy(logits, targets):
     """Mean of −log softmax(logits)[target] over all positions: logits (..., V), int targets (...)."""
     xp = namespace(logits)

@@ -15,7 +15,7 @@ import mirascore.autodiff.numpy as anp
 from mirascore._xp import namespace
 
 from . import mixers
-from .layers import cross_entropy, rms_norm, swiglu
+from .layers import cross_entropy, embed, rms_norm, swiglu
 from .mixers import Param, constant, normal, projection
 
 
@@ -83,7 +83,7 @@ def forward(params, tokens, cfg):
     """Logits (B, T, vocab) for int tokens (B, T); causal: position t sees tokens ≤ t only."""
     tokens = _tokens("tokens", tokens, cfg, ndim=2)
     mixer = mixers.mixer(cfg)
-    x = params["embed.weight"][tokens]
+    x = embed(params["embed.weight"], tokens)
     for i in range(cfg.depth):
         block = _block(params, i)
         h = rms_norm(x, block["mixer_norm.gain"], cfg.norm_eps)
@@ -122,7 +122,7 @@ def decode_step(params, cache, tokens, cfg):
     forward's logits at this position (DESIGN §7.2)."""
     tokens = _tokens("tokens", tokens, cfg, ndim=1)
     mixer = mixers.mixer(cfg)
-    x = params["embed.weight"][tokens[:, None]]
+    x = embed(params["embed.weight"], tokens[:, None])
     layers = []
     for i, layer_cache in enumerate(cache.layers):
         block = _block(params, i)
