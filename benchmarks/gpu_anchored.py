@@ -3,6 +3,7 @@
 optionally beside titans-pytorch NeuralMemory in the same process.
 
     python3 benchmarks/gpu_anchored.py [--with-titans] [--json PATH] [--rules moneta,yaad,memora,titans]
+                                       [--precision fp32,tf32,bf16]
                                        [--B 8 --T 4096 --H 8 --d 128 --expansion 4 --chunk 64]
     python3 benchmarks/gpu_anchored.py --quick                   # small shapes, smoke run (GPU)
     python benchmarks/gpu_anchored.py --cpu --quick              # the same code on numpy (xp = numpy)
@@ -12,10 +13,13 @@ with --cpu), for each rule of --rules at K, V, Q (B, H, T, d), memory params (B,
   fwd       mc.scan(state, K, V, Q, bias=rule.bias, lr=, alpha=[, delta=][, beta=], chunk=C)
   fwd+bwd   ad.vjp of the same, then vjp_fn(dY) with a random dY: gradients w.r.t. the initial
             params, K, V, Q and every gate
-Rows: ours fp32 (cuBLAS fp32; CUDA graph replay from the third call on, so the warm-up covers the
-eager call and the capture; --eager turns replay off); ours tf32 (TF32 math mode on mirascore's and
-CuPy's cuBLAS handles, CUPY_TF32=1, in a child process because CuPy reads the variable on import;
-skip with --no-tf32); with --with-titans,
+Rows: ours P for each GEMM precision P of --precision (default fp32,tf32,bf16; --no-tf32 drops
+tf32): mc.scan(..., precision=P), CUDA graph replay from the third call on, so the warm-up covers
+the eager call and the capture (--eager turns replay off). mc.scan runs these rules' products in
+fp32 when asked for bf16 or fp16 (mirascore.chunk.anchored.anchored_precision: their errors
+exceed the contract's 1e-2), so those rows, marked "bf16*" and "fp16*", replace that mapping by the
+identity for the row: what 16-bit products (cast operands, fp32 accumulation, the decay algebra in
+fp32) would give, in time and error; with --with-titans,
 titans-pytorch NeuralMemory fp32 and bf16 (fwd+bwd exactly as ../shared/anchors/anchors_gpu.py
 times it, plus a forward under torch.no_grad()), dim = H·d as H heads of d, chunk C, depth 2,
 expansion 4, same B and T; its time includes its own q/k/v/gate projections.
@@ -34,24 +38,22 @@ alpha = 0.9 + 0.1·sigmoid(N(0,1)), delta = 1 + softplus(N(0,1)) (Yaad), beta = 
 memory params from rule.memory.init(seed, batch_shape=(B, H)).
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
 
-if "--tf32" in sys.argv:
-    os.environ["CUPY_TF32"] = "1"          # must precede the CuPy import
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import CEIL, enable_tf32  # noqa: E402
+from _machine import CEIL  # noqa: E402
 import mirascore as mc  # noqa: E402
 import mirascore.autodiff as ad  # noqa: E402
+import mirascore.chunk.anchored as anchored  # noqa: E402
 
 ROWS = []
 JSON = {"path": None, "extra": {}}
@@ -160,7 +162,7 @@ class Device:
             return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}"
         import cupy
         return (f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}, "
-                f"numpy {np.__version__}, CUPY_TF32={os.environ.get('CUPY_TF32', '0')}")
+                f"numpy {np.__version__}")
 
     def put(self, x):
         return x if self.cpu else self.xp.asarray(x)
@@ -298,7 +300,8 @@ def rel_rms(xp, got, want):
 
 
 def accuracy(rule, x, dev, args):
-    """Relative RMS errors of Y and every gradient, fp32 (or TF32) vs float64, at T = err_T."""
+    """Relative RMS errors of Y and every gradient, float32 (at the row's GEMM precision) vs
+    float64, at T = err_T."""
     B, H, T, C = args.B, args.H, min(args.err_T, args.T), args.chunk
     f = scan_fn(rule, C)
     out = {}
@@ -563,8 +566,9 @@ def main():
     ap.add_argument("--with-titans", action="store_true", help="also time titans-pytorch NeuralMemory")
     ap.add_argument("--titans-iters", type=int, default=10)
     ap.add_argument("--titans-tf32", action="store_true", help="also a titans row with torch TF32 matmuls")
-    ap.add_argument("--tf32", action="store_true", help="(internal) this process runs the TF32 rows only")
-    ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 child process")
+    ap.add_argument("--precision", default="fp32,tf32,bf16",
+                    help="comma-separated GEMM precisions of our rows (fp32, tf32, bf16, fp16)")
+    ap.add_argument("--no-tf32", action="store_true", help="leave tf32 out of --precision")
     ap.add_argument("--eager", action="store_true",
                     help="no CUDA graph replay (mirascore.gpu.settings cuda_graphs=False)")
     ap.add_argument("--json", default=None)
@@ -583,14 +587,18 @@ def main():
     if args.iters < 10 or args.titans_iters < 10:
         ap.error("--iters and --titans-iters must be at least 10")
 
+    from mirascore.gpu import settings
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()
+                  and not (args.no_tf32 and p.strip() == "tf32")]
+    for p in precisions:
+        if p not in settings.PRECISIONS:
+            ap.error(f"--precision takes {', '.join(settings.PRECISIONS)}; got {p!r}")
+    if args.cpu:
+        precisions = ["fp32"]                     # numpy multiplies at the arrays' dtype
+
     JSON["path"] = args.json
     JSON["extra"]["args"] = vars(args)
     dev = Device(args.cpu)
-    if args.tf32 and not args.cpu:
-        try:
-            print(f"cuBLAS math mode set to {enable_tf32()} (TF32 tensor op math)", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"could not set the cuBLAS TF32 math mode: {type(e).__name__}: {e}", flush=True)
     JSON["extra"]["device"] = dev.name()
     print(dev.name(), flush=True)
     print(f"shape B={args.B} T={args.T} H={args.H} d={args.d} (mlp expansion {args.expansion}), chunk "
@@ -598,34 +606,38 @@ def main():
           flush=True)
     t0 = time.time()
     x = make_inputs(args.B, args.H, args.T, args.d)
-    mode = "tf32" if args.tf32 else "fp32"
     if args.eager and not args.cpu:
-        from mirascore.gpu import settings
         settings.configure(cuda_graphs=False)
-        mode += " eager"
     for name in args.rules:
-        bench_rule(name, args, dev, x, mode)
-    if not args.tf32 and not args.no_tf32 and not args.cpu:
-        dev.free()
-        child_json = (args.json or "/tmp/gpu_anchored") + ".tf32.json"
-        cmd = [sys.executable, os.path.abspath(__file__), "--tf32", "--json", child_json,
-               "--rules", ",".join(args.rules), "--modes", ",".join(args.modes)] + \
-              (["--eager"] if args.eager else []) + \
-              [f"--{k.replace('_', '-')}={getattr(args, k)}"
-               for k in ("B", "T", "H", "d", "expansion", "chunk", "warmup", "iters", "err_T")]
-        try:
-            print("\nTF32 rows (child process):", flush=True)
-            subprocess.run(cmd, check=True)
-            with open(child_json) as f:
-                ROWS.extend(json.load(f)["rows"])
-        except Exception as e:  # noqa: BLE001
-            print(f"TF32 child failed: {e}", flush=True)
-    if args.with_titans and not args.tf32:
+        for p in precisions:
+            forced = p in ("bf16", "fp16")
+            label = p + ("*" if forced else "") + (" eager" if args.eager and not args.cpu else "")
+            with at_precision(p, forced):
+                bench_rule(name, args, dev, x, label)
+    if args.with_titans:
         bench_titans(args, dev)
-    if not args.tf32:
-        print_table()
-        print(f"total wall time {time.time() - t0:.1f} s", flush=True)
+    print_table()
+    if any(p in ("bf16", "fp16") for p in precisions):
+        print("* mc.scan runs these rules' products in fp32 when asked for bf16/fp16 (anchored_precision);\n"
+              "  the starred rows bypass that mapping to show what 16-bit products would give", flush=True)
+    print(f"total wall time {time.time() - t0:.1f} s", flush=True)
     save_json()
+
+
+@contextlib.contextmanager
+def at_precision(precision, forced):
+    """mc.scan calls inside run at GEMM precision `precision` (the setting, which mc.scan's
+    precision=None takes); forced: anchored_precision is the identity meanwhile, so that bf16 and
+    fp16 reach the anchored products (mc.scan imports it at each call)."""
+    from mirascore.gpu import settings
+    mapping = anchored.anchored_precision
+    if forced:
+        anchored.anchored_precision = lambda p: p
+    try:
+        with settings.using(precision=precision):
+            yield
+    finally:
+        anchored.anchored_precision = mapping
 
 
 if __name__ == "__main__":

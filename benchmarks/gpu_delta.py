@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Time mirascore's chunked delta rule (delta_rule_scan) on one GPU, optionally beside FLA.
 
-    python3 benchmarks/gpu_delta.py [--with-fla] [--json PATH] [--B 8 --T 4096 --H 16 --d 128 --chunk 64]
+    python3 benchmarks/gpu_delta.py [--with-fla] [--json PATH] [--precision fp32,tf32,bf16]
+                                    [--B 8 --T 4096 --H 16 --d 128 --chunk 64]
 
 Rows (median of --iters runs after --warmup, CUDA events):
-  ours fp32   forward, forward+backward      float32 everywhere (cuBLAS fp32, fp32 RawKernels)
-  ours tf32   forward, forward+backward      same, TF32 math mode on mirascore's and CuPy's cuBLAS
-                                             handles and CUPY_TF32=1, run in a child process because
-                                             CuPy reads the variable on import
+  ours P      forward, forward+backward      for each GEMM precision P of --precision (default
+                                             fp32,tf32,bf16; fp16 too if listed; --no-tf32 drops
+                                             tf32): mirascore.gpu.settings precision=P around the
+                                             call, so every cuBLAS product of the scan runs at P
+                                             (bf16, fp16: operands cast to 16 bits, fp32
+                                             accumulation); the RawKernels, decays and gates stay
+                                             float32
   fla bf16    forward, forward+backward      fla.ops.gated_delta_rule.chunk_gated_delta_rule (with
-                                             --with-fla; same inputs, same process as ours fp32)
+                                             --with-fla; same inputs, same process)
 Per row: ms, Mtok/s, peak memory (GiB: ours, the pool's peak beyond what was allocated before the
 call plus our fp32 inputs; FLA, torch.cuda.max_memory_allocated with its bf16 inputs), relative RMS error of Y and
 of every gradient against a float64 run of ours (FLA: Y and gradients against the same float64 run,
@@ -23,18 +27,14 @@ Inputs as anchors_gpu.py: q, k l2-normalised, v ~ N(0, 1), log α = logsigmoid(U
 import argparse
 import json
 import os
-import subprocess
 import sys
 import traceback
 
-if "--tf32" in sys.argv:
-    os.environ["CUPY_TF32"] = "1"          # must precede the CuPy import
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import CEIL, enable_tf32  # noqa: E402
+from _machine import CEIL  # noqa: E402
 
 ROWS = []
 JSON = {"path": None, "extra": {}}
@@ -147,6 +147,13 @@ def reference(x, chunk):
 
 
 def bench_ours(args, mode, pool, x, ref):
+    """The fwd and fwd+bwd rows at GEMM precision `mode` (mirascore.gpu.settings)."""
+    from mirascore.gpu import settings
+    with settings.using(precision=mode):
+        _bench_ours(args, mode, pool, x, ref)
+
+
+def _bench_ours(args, mode, pool, x, ref):
     import cupy
     from mirascore.chunk import delta_rule_bwd, delta_rule_fwd
     B, T, H, d, C = args.B, args.T, args.H, args.d, args.chunk
@@ -344,50 +351,43 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--with-fla", action="store_true")
-    ap.add_argument("--tf32", action="store_true", help="(internal) this process runs the TF32 rows only")
-    ap.add_argument("--no-tf32", action="store_true", help="skip the TF32 child process")
+    ap.add_argument("--precision", default="fp32,tf32,bf16",
+                    help="comma-separated GEMM precisions of our rows (fp32, tf32, bf16, fp16)")
+    ap.add_argument("--no-tf32", action="store_true", help="leave tf32 out of --precision")
     ap.add_argument("--breakdown", action="store_true", help="also time the pieces (fp32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.iters < 10:
         ap.error("--iters must be at least 10")
 
+    from mirascore.gpu import settings
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()
+                  and not (args.no_tf32 and p.strip() == "tf32")]
+    for p in precisions:
+        if p not in settings.PRECISIONS:
+            ap.error(f"--precision takes {', '.join(settings.PRECISIONS)}; got {p!r}")
+
     JSON["path"] = args.json
     JSON["extra"]["args"] = vars(args)
     import cupy
-    if args.tf32:
-        try:
-            print(f"cuBLAS math mode set to {enable_tf32()} (TF32 tensor op math)", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"could not set the cuBLAS TF32 math mode: {type(e).__name__}: {e}", flush=True)
     pool = PeakPool()
-    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}, "
-          f"CUPY_TF32={os.environ.get('CUPY_TF32', '0')}", flush=True)
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {cupy.__version__}",
+          flush=True)
     x = make_inputs(args)
     ref = reference(x, args.chunk)
     cupy.get_default_memory_pool().free_all_blocks()
-    bench_ours(args, "tf32" if args.tf32 else "fp32", pool, x, ref)
-    if not args.tf32 and not args.no_tf32:
-        child_json = (args.json or "/tmp/gpu_delta") + ".tf32.json"
-        cmd = [sys.executable, os.path.abspath(__file__), "--tf32", "--json", child_json] + \
-              [f"--{k}={getattr(args, k)}" for k in ("B", "T", "H", "d", "chunk", "warmup", "iters")]
-        try:
-            subprocess.run(cmd, check=True)
-            with open(child_json) as f:
-                ROWS.extend(json.load(f)["rows"])
-        except Exception as e:  # noqa: BLE001
-            print(f"TF32 child failed: {e}", flush=True)
-    if args.breakdown and not args.tf32:
+    for p in precisions:
+        bench_ours(args, p, pool, x, ref)
+    if args.breakdown:
         JSON["extra"]["breakdown"] = breakdown(args, x)
         save_json()
-    if args.with_fla and not args.tf32:
+    if args.with_fla:
         try:
             bench_fla(args, x, ref)
         except Exception as e:  # noqa: BLE001
             print(f"FLA unavailable: {type(e).__name__}: {e}", flush=True)
             traceback.print_exc()
-    if not args.tf32:
-        print_table()
+    print_table()
     save_json()
 
 

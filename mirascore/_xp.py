@@ -2,13 +2,17 @@
 
     xp = namespace(*arrays)        # numpy itself, or the CuPy namespace below
     xp.matmul(a, b)                # on CuPy: cuBLAS through mirascore.gpu.blas (a CUDA graph can
-                                   # record it; CuPy's own cuBLAS calls cannot be captured)
+                                   # record it; CuPy's own cuBLAS calls cannot be captured), at the
+                                   # GEMM precision setting (mirascore.gpu.settings)
+    full_matmul(xp, a, b)          # xp.matmul at the operands' own precision, whatever the setting
+    with gemm_precision(p, x): ... # on CuPy, the setting is p inside the block (None: unchanged)
 
 Code that takes `xp` once per call and uses only `xp.<numpy name>` runs unchanged on both
 devices: no `is_cupy` branches downstream. CuPy is never imported here unless a CuPy array
 arrives (an array is recognised as CuPy's by its type's module), so `import mirascore` stays free
 of cupy (and of numba).
 """
+import contextlib
 import types
 
 import numpy as np
@@ -34,12 +38,37 @@ def cupy_namespace():
         ns.__getattr__ = lambda name: getattr(cupy, name)        # submodules CuPy loads lazily
 
         def matmul(a, b):
-            if a.ndim >= 2 and b.ndim >= 2 and a.dtype == b.dtype and a.dtype.char in "fd":
+            if _blas_operands(a, b):
                 return blas.matmul(a, b)
             return cupy.matmul(a, b)             # vectors, integers, mixed dtypes: not captured
         ns.matmul = matmul
         _cupy_namespace = ns
     return _cupy_namespace
+
+
+def _blas_operands(a, b):
+    """Whether mirascore.gpu.blas multiplies these (matrices of one float dtype)."""
+    return a.ndim >= 2 and b.ndim >= 2 and a.dtype == b.dtype and a.dtype.char in "fd"
+
+
+def full_matmul(xp, a, b):
+    """xp.matmul(a, b) at the operands' own precision (float32 SIMT on the GPU), whatever the GEMM
+    precision setting: for the decay algebra, whose products feed the gates' gradients as sums
+    that a 16-bit operand would spoil (docs/contract.md §5; FLA keeps its decays in fp32 too)."""
+    if on_device(a) and _blas_operands(a, b):
+        from .gpu import blas
+        return blas.matmul(a, b, precision="fp32")
+    return xp.matmul(a, b)
+
+
+def gemm_precision(precision, like):
+    """A context in which the matrix products of the CuPy namespace run at `precision` (one of
+    mirascore.gpu.settings.PRECISIONS), when `like` is a CuPy array; nothing for numpy arrays or
+    precision None (numpy multiplies at the operands' dtype)."""
+    if precision is None or not on_device(like):
+        return contextlib.nullcontext()
+    from .gpu import settings
+    return settings.using(precision=precision)
 
 
 def namespace(*arrays):

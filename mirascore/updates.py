@@ -62,7 +62,7 @@ def step(state, k, v, *, bias, retention=None, algorithm=None, lr, alpha=1.0, de
 
 
 def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0, delta=None,
-         beta=None, chunk=64, backend="auto", check_finite=True):
+         beta=None, chunk=64, backend="auto", check_finite=True, precision=None):
     """Run a sequence: K (..., T, d_in), V (..., T, d_out), Q (..., T, d_in) -> (Y, final state).
 
     Y (..., T, d_out) holds y_t = M(W_t, q_t), read after token t's update. Gates broadcast against
@@ -71,9 +71,14 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     backend: "auto" (numpy/CuPy) or "ref" (mirascore.ref, float64, cast back to the input dtype).
     check_finite=False skips every look at the values (finite inputs, gate ranges), so that the
     call never synchronises with the device (shapes and specs are still checked on the host).
+    precision: the GEMM precision of this scan and of its backward on CuPy float32 arrays, one of
+    "fp32", "tf32", "bf16", "fp16", or None for the setting in force at the call
+    (mirascore.gpu.settings; docs/contract.md §5). The anchored form keeps fp32 for bf16 and fp16
+    (`mirascore.chunk.anchored.anchored_precision`); numpy and float64 arrays ignore it.
     """
     chunk = validation.size("chunk", chunk)
     validation.choice("backend", backend, ("auto", "ref"))
+    precision = _precision(precision)
     protocols.require("algorithm", state.algorithm, ("uses_momentum",), "mc.scan")
     mem = state.memory
     _, dtype, (K, V, Q), gates = validation.inputs(
@@ -86,8 +91,15 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     if backend == "ref":
         return _via_ref(state, K, V, Q, bias, gates, chunk, is_exact(rule), dtype)
     if is_exact(rule):
-        return _exact(state, bias, K, V, Q, gates, chunk)
-    return _anchored(state, bias, K, V, Q, gates, chunk)
+        return _exact(state, bias, K, V, Q, gates, chunk, precision)
+    return _anchored(state, bias, K, V, Q, gates, chunk, precision)
+
+
+def _precision(precision):
+    """A GEMM precision validated, None resolved to the setting now (so that the backward,
+    called later, runs at the forward's)."""
+    from .gpu import settings
+    return settings.current().precision if precision is None else settings.precision(precision)
 
 
 def delta_rule_gates(rule, lr, alpha, K):
@@ -98,7 +110,7 @@ def delta_rule_gates(rule, lr, alpha, K):
     return rule.retention.delta_rule_gates(alpha, lr, rule.bias.psi_slope)
 
 
-def _exact(state, bias, K, V, Q, gates, chunk):
+def _exact(state, bias, K, V, Q, gates, chunk, precision):
     """Exact rules: the chunked WY/UT form of the delta rule, equal to the per-token loop for
     every chunk size."""
     from .chunk.delta_rule import delta_rule_scan
@@ -110,17 +122,17 @@ def _exact(state, bias, K, V, Q, gates, chunk):
     rule = Rule(state.memory, bias, state.retention, state.algorithm)
     alpha = gates["alpha"] if getattr(state.retention, "uses_alpha", True) else 1.0
     a, b, c = delta_rule_gates(rule, gates["lr"], alpha, K)
-    Y, W = delta_rule_scan(state.params[0], K, V, Q, a, b, c, chunk=chunk)
+    Y, W = delta_rule_scan(state.params[0], K, V, Q, a, b, c, chunk=chunk, precision=precision)
     return Y, state._replace(params=(W,))
 
 
-def _anchored(state, bias, K, V, Q, gates, chunk):
+def _anchored(state, bias, K, V, Q, gates, chunk, precision):
     """All other rules: the anchored chunked form, one primitive with a hand-derived backward."""
-    from .chunk.anchored import anchored_scan
+    from .chunk.anchored import anchored_precision, anchored_scan
     Y, params, momentum = anchored_scan(
         state.params, state.momentum, K, V, Q, gates["lr"], gates["alpha"], gates["delta"], gates["beta"],
         memory=state.memory, bias=bias, retention=state.retention, algorithm=state.algorithm,
-        chunk=chunk)
+        chunk=chunk, precision=anchored_precision(precision))
     return Y, state._replace(params=params, momentum=momentum)
 
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import protocols
-from .._xp import namespace
+from .._xp import gemm_precision, namespace
 from ..autodiff.core import tree_leaves
 from ..autodiff.numpy import unbroadcast
 from ..autodiff.structured import defvjp_tree, tree_primitive
@@ -439,16 +439,19 @@ class _State(NamedTuple):
 
 
 @tree_primitive
-def _anchored_core(params, momentum, tokens, *, run):
+def _anchored_core(params, momentum, tokens, *, run, precision=None):
     memory, _, retention, algorithm, _ = run.key
-    Y, final, saved = _run_forward(run, _State(memory, retention, algorithm, params, momentum), tokens)
+    with gemm_precision(precision, tokens.K):
+        Y, final, saved = _run_forward(run, _State(memory, retention, algorithm, params, momentum),
+                                       tokens)
     return (Y, final.params, final.momentum), saved
 
 
 def _anchored_vjp(result, saved, args, kwargs):
     def vjp(g):
         dY, dparams, dmom = g
-        gr = anchored_scan_bwd(saved, dY, (dparams, dmom))
+        with gemm_precision(kwargs.get("precision"), saved.tokens.K):
+            gr = anchored_scan_bwd(saved, dY, (dparams, dmom))
         return gr.params, gr.momentum, Tokens(gr.K, gr.V, gr.Q, gr.lr, gr.alpha, gr.delta, gr.beta,
                                               gr.scale)
     return vjp
@@ -457,13 +460,28 @@ def _anchored_vjp(result, saved, args, kwargs):
 defvjp_tree(_anchored_core, _anchored_vjp)
 
 
+def anchored_precision(precision):
+    """The GEMM precision `mc.scan` runs the anchored scan at when asked for `precision`: bf16 and
+    fp16 give fp32, because the anchored products cannot take 16-bit operands within the contract's
+    1e-2 (docs/contract.md §5; measured with benchmarks/cpu_precision.py, docs/benchmarks.md "Low
+    precision"). With every product in bf16 (the decay algebra aside) the worst relative error over
+    Y and the gradients is 0.9–1.8e-2 for Moneta and Titans at d = 64–128, 5e-2 and more for Memora
+    and Yaad (ill-conditioned at these inputs: float32 errs up to 3e-4), and above 1e-2 for all four
+    at d = 8, where the rules amplify rounding most. No single product carries it: each of the
+    chunk's ~25 product sites alone adds 1–5e-3. fp16 errs like TF32 (Memora 4e-2, Yaad 8e-2 and
+    more at d = 64–128) and underflows small cotangents. "tf32" and "fp32" pass through."""
+    return "fp32" if precision in ("bf16", "fp16") else precision
+
+
 def anchored_scan(params, momentum, K, V, Q, lr, alpha=None, delta=None, beta=None, *, memory, bias,
-                  retention, algorithm, chunk=64):
+                  retention, algorithm, chunk=64, precision=None):
     """The anchored chunked scan as one differentiable operation of `mirascore.autodiff`.
 
     params: the stored quantity (one array per memory parameter); momentum: one per parameter for
     an algorithm with momentum, else None; gates as `mc.scan` takes them (alpha None: 1; delta,
-    beta None where the rule takes none). Keywords are the static specs and the chunk size.
+    beta None where the rule takes none). Keywords are the static specs, the chunk size and the
+    GEMM precision of the forward and the backward on CuPy (None: the setting in force at each;
+    applied as given here, where `mc.scan` first maps it through `anchored_precision`).
     Returns (Y, params', momentum'). The rate goes through the algorithm's `effective_lr` and α
     through the gate's `gradient_scale` here, so autodiff carries their gradients.
     """
@@ -474,4 +492,4 @@ def anchored_scan(params, momentum, K, V, Q, lr, alpha=None, delta=None, beta=No
     tokens = Tokens(K, V, Q, run.ops.algorithm.effective_lr(lr, K), alpha, delta,
                     beta if run.momentum else None, scale)
     return _anchored_core(tuple(params), None if momentum is None else tuple(momentum), tokens,
-                          run=run)
+                          run=run, precision=precision)

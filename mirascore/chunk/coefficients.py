@@ -9,8 +9,12 @@ zeros, never −inf − (−inf)) every s_t is A_t s̄ + m_t S̄ − Σ_{i≤t} 
 rank-1 factor pairs G_i = e_i f_iᵀ, so the chunk's end is one matmul of the factors:
     s_b = A_b s̄ + m_b S̄ − Eᵀ diag(C_b·) F,     S_b = P_b S̄ − Eᵀ diag(w) F.
 Every function takes the array namespace `xp` of the call (numpy, or CuPy with capture-safe matmul).
+Products of decay matrices and their VJPs run at the operands' own precision whatever the GEMM
+precision setting (`full_matmul`): the gates' gradients are sums over them.
 """
 from typing import NamedTuple
+
+from .._xp import full_matmul
 
 
 class Coefficients(NamedTuple):
@@ -50,7 +54,7 @@ def decay_matrix_vjp(xp, D, dD):
     """d gate (..., b) from dD (..., b+1, b+1): for i < j ≤ t, D_ti = D_tj·gate_j·D_{j−1,i}, so
     d gate_j = Σ_t D_tj (dD Dᵀ)_{t,j−1}. No division by the gate (exact at β = 0); D's structural
     zeros keep entries of dD on or above the diagonal out of the sum."""
-    M = xp.matmul(dD, D.swapaxes(-1, -2))
+    M = full_matmul(xp, dD, D.swapaxes(-1, -2))
     return (D[..., :, 1:] * M[..., :, :-1]).sum(axis=-2)
 
 
@@ -63,8 +67,8 @@ def coefficients(xp, lr, alpha, beta):
     if beta is not None:
         Xb = decay_matrix(xp, beta)
         P, Db = Xb[..., 1:, 0], Xb[..., 1:, 1:]
-        R = xp.matmul(Da, Db)
-        m = xp.matmul(Da, P[..., None])[..., 0]
+        R = full_matmul(xp, Da, Db)
+        m = full_matmul(xp, Da, P[..., None])[..., 0]
         P_end, w = P[..., -1], Db[..., -1, :] * lr
     return Coefficients(A, R * lr[..., None, :], m, P_end, w, Xa, Xb, R, lr)
 
@@ -89,10 +93,10 @@ def coefficients_vjp(xp, coef, dA, dC, dm, dP_end, dw):
     else:
         Da, Db, P = coef.Xa[..., 1:, 1:], coef.Xb[..., 1:, 1:], coef.Xb[..., 1:, 0]
         dlr = dlr + dw * Db[..., -1, :]
-        dDb = xp.matmul(Da.swapaxes(-1, -2), dR)
+        dDb = full_matmul(xp, Da.swapaxes(-1, -2), dR)
         dDb[..., -1, :] += dw * lr
-        dDa = xp.matmul(dR, Db.swapaxes(-1, -2)) + dm[..., :, None] * P[..., None, :]
-        dP = xp.matmul(Da.swapaxes(-1, -2), dm[..., None])[..., 0]
+        dDa = full_matmul(xp, dR, Db.swapaxes(-1, -2)) + dm[..., :, None] * P[..., None, :]
+        dP = full_matmul(xp, Da.swapaxes(-1, -2), dm[..., None])[..., 0]
         dP[..., -1] += dP_end
         dbeta = decay_matrix_vjp(xp, coef.Xb, _assemble(xp, dP, dDb))
     return dlr, decay_matrix_vjp(xp, coef.Xa, _assemble(xp, dA, dDa)), dbeta

@@ -17,14 +17,16 @@ Array-agnostic: the array namespace `xp` (numpy, or CuPy with mirascore.gpu.blas
 matmul) and the pieces `ops` are chosen once per call. `ops` is `ArrayPieces` (the formulas, here)
 or, on CuPy where `mirascore.gpu.delta_rule_kernels.supports` the sizes, that module: the same
 functions as RawKernels (the sequential state loop, the triangular inverse) and fused
-Elementwise/ReductionKernels (the glue). Everything else is batched matmuls (TF32 after
-`mirascore.gpu.settings.configure(tf32=True)`).
+Elementwise/ReductionKernels (the glue). Everything else is batched matmuls, at the GEMM precision
+of `mirascore.gpu.settings` (`delta_rule_scan(..., precision=)` sets it for the call and its
+backward), except the decay algebra (`full_matmul`); the state recurrence, decays and gates stay
+in the arrays' dtype.
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from .._xp import namespace
+from .._xp import full_matmul, gemm_precision, namespace
 from ..autodiff.numpy import unbroadcast
 from ..autodiff.structured import defvjp_tree, tree_primitive
 
@@ -324,7 +326,7 @@ def delta_rule_bwd(saved, dY, dW_T):
     # float32 stays accurate): pairs i < j ≤ t of E, γ_t for t ≥ j, λ_i for i < j, and γ_C.
     # (prefix sums are exclusive by construction, never inclusive − self, which would cancel again;
     # Σ_{i<j} E_ti is the matmul E · strict_upper_ones)
-    cross = ops.rowdot(xp.matmul(E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
+    cross = ops.rowdot(full_matmul(xp, E, _swap(strict).astype(E.dtype)), incl.astype(E.dtype), axis=-2)
     dlog = (cross + xp.flip(xp.cumsum(xp.flip(dgam * gam, axis=-1), axis=-1), axis=-1)
             + _exclusive_cumsum(xp, dlam * lam)
             + (gamC * ops.rowdot(dSp.reshape(Bn, N, -1), S.reshape(Bn, N, -1)))[..., None])
@@ -339,7 +341,7 @@ def delta_rule_bwd(saved, dY, dW_T):
 # ---------------------------------------------------------------- the autodiff primitive
 
 @tree_primitive
-def delta_rule_scan(W0, K, V, Q, alpha, b, c, *, chunk=64, kernels="auto"):
+def delta_rule_scan(W0, K, V, Q, alpha, b, c, *, chunk=64, kernels="auto", precision=None):
     """The gated delta rule, chunked and differentiable: returns (Y, W_T).
 
         W_t = α_t W_{t−1} (I − b_t k_t k_tᵀ) + c_t v_t k_tᵀ,   y_t = W_t q_t
@@ -348,13 +350,19 @@ def delta_rule_scan(W0, K, V, Q, alpha, b, c, *, chunk=64, kernels="auto"):
     α ∈ (0, 1], b, c ≥ 0 (not checked here: `mc.scan` validates). Any `chunk` ≥ 1 gives the same
     result up to rounding. One tree primitive of mirascore.autodiff with a hand-derived backward
     pass for all seven array arguments (docs/derivations/scan-backward-delta.md); first order.
+    `precision`: the GEMM precision of the forward and the backward on CuPy (None: the setting in
+    force at each; mirascore.gpu.settings); numpy ignores it.
     """
-    Y, W_T, saved = delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk, kernels)
+    with gemm_precision(precision, K):
+        Y, W_T, saved = delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk, kernels)
     return (Y, W_T), saved
 
 
 def _delta_rule_vjp(result, saved, args, kwargs):
-    return lambda g: delta_rule_bwd(saved, g[0], g[1])
+    def vjp(g):
+        with gemm_precision(kwargs.get("precision"), saved.K):
+            return delta_rule_bwd(saved, g[0], g[1])
+    return vjp
 
 
 defvjp_tree(delta_rule_scan, _delta_rule_vjp)

@@ -6,7 +6,8 @@ launch instead of hundreds of Python calls.
 `fn(*args)` must be a pure function of the arrays in `args` (nested tuples / NamedTuples of CuPy
 arrays and None), launching work only on the current stream, never synchronising with the host,
 and doing matrix products with `mirascore.gpu.blas.matmul` (CuPy's own cuBLAS calls cannot be
-captured). Per signature — `key`, the structure, and every array's shape and dtype:
+captured). Per signature — `key`, the GEMM precision setting (a graph records the GEMM kernels of
+the precision it was captured at), the structure, and every array's shape and dtype:
 
 - the first call runs `fn` eagerly (compiling its kernels); one-off shapes never pay for a capture;
 - the second call captures `fn` on a private stream into a graph whose intermediates live in a
@@ -44,8 +45,8 @@ def call(fn, args, key):
     if not settings.current().cuda_graphs or cupy.cuda.get_current_stream().is_capturing():
         return fn(*args)                   # inside the caller's own capture: just record the work
     leaves = tree_leaves(args)
-    sig = (key, cupy.cuda.Device().id, _structure(args)) + tuple(None if x is None else (x.shape, x.dtype.str)
-                                         for x in leaves)
+    sig = (key, settings.current().precision, cupy.cuda.Device().id, _structure(args)) + \
+        tuple(None if x is None else (x.shape, x.dtype.str) for x in leaves)
     try:
         entry = _graphs.get(sig)
     except TypeError:                      # an unhashable key: nothing to remember it by
