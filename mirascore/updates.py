@@ -73,7 +73,7 @@ def scan(state, K, V, Q, *, bias, retention=None, algorithm=None, lr, alpha=1.0,
     call never synchronises with the device (shapes and specs are still checked on the host).
     precision: the GEMM precision of this scan and of its backward on CuPy float32 arrays, one of
     "fp32", "tf32", "bf16", "fp16", or None for the setting in force at the call
-    (mirascore.gpu.settings; docs/contract.md §5). The anchored form keeps fp32 for bf16 and fp16
+    (mirascore.gpu.settings; docs/contract.md §5). The anchored form keeps fp32 products at every precision
     (`mirascore.chunk.anchored.anchored_precision`); numpy and float64 arrays ignore it.
     """
     chunk = validation.size("chunk", chunk)
