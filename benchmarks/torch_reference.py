@@ -243,6 +243,7 @@ def make_step(model, cfg, precision):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
     step.fused = opt.defaults.get("fused", False)
+    step.optimizer = opt                       # for a caller's learning-rate schedule
     return step
 
 
