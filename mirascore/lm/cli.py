@@ -17,6 +17,7 @@ EXIT_USAGE = 2
 PROG = "mirascore"
 FINAL_SAMPLE_PROMPT, FINAL_SAMPLE_BYTES = "ROMEO:", 200
 DEFAULT_LENGTHS = (1024, 2048, 4096)
+DEFAULT_MQAR_SAMPLES = 512
 TRAIN_EXTRA = ("tqdm", "safetensors", "matplotlib")      # the modules of the `train` extra
 
 
@@ -58,7 +59,9 @@ def build_parser():
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/<config name>)")
     p.add_argument("--steps", type=_positive_int, help="total optimizer steps (the schedule spans them)")
     p.add_argument("--seed", type=int, help="initialisation and data-order seed")
-    p.add_argument("--device", choices=device.DEVICES, default="cpu")
+    p.add_argument("--device", choices=device.DEVICES, help="where to train (default cpu; gpu with --gpus)")
+    p.add_argument("--gpus", type=_positive_int, metavar="N", help="data-parallel over N GPUs, one process "
+                   "each (NCCL); each trains on batch / N sequences of every step")
     p.add_argument("--data", metavar="PATH", help="a .txt/.txt.gz/.txt.xz file or a folder with train and "
                                                   "validation files (default: the embedded Tiny Shakespeare)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -78,7 +81,7 @@ def build_parser():
 
     p = commands.add_parser("eval", help="evaluate a trained model")
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--task", required=True, choices=("bpb", "niah", "lambada"))
+    p.add_argument("--task", required=True, choices=("bpb", "niah", "lambada", "mqar"))
     p.add_argument("--data", metavar="PATH", help="bpb: a text file or data folder (default: the run's "
                    "validation data); lambada: lambada_test.jsonl or its folder; niah: a ruler_niah folder")
     p.add_argument("--split", choices=("validation", "test"), default="validation",
@@ -87,7 +90,9 @@ def build_parser():
     p.add_argument("--lengths", type=_lengths, default=DEFAULT_LENGTHS, metavar="L1,L2,...",
                    help="niah: prompt + answer lengths in bytes (default 1024,2048,4096)")
     p.add_argument("--samples", type=_positive_int, metavar="N",
-                   help="niah: samples per task and length (default 10); lambada: the first N examples")
+                   help="niah: samples per task and length (default 10); lambada: the first N examples; "
+                        "mqar: held-out sequences (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="mqar: seed of the held-out sequences (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", choices=device.DEVICES, default="cpu")
 
@@ -112,12 +117,20 @@ def cmd_train(args):
     from .sample import DEFAULT_TEMPERATURE, decode_text, generate
     cfg = train_config(args)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = train.run(cfg, out, data_path=args.data, device_name=args.device, resume=args.resume,
-                       output="log" if args.quiet else "bar")
+    if args.gpus is not None and args.device == "cpu":
+        raise ValueError(f"--gpus {args.gpus} trains on GPUs: drop --device cpu")
+    output = "log" if args.quiet else "bar"
+    if args.gpus is not None and args.gpus > 1:
+        from . import launch
+        result = launch.run(cfg, out, gpus=args.gpus, data_path=args.data, resume=args.resume, output=output)
+    else:                             # --gpus 1 is --device gpu: one process, no NCCL
+        device_name = "gpu" if args.gpus else args.device or "cpu"
+        result = train.run(cfg, out, data_path=args.data, device_name=device_name, resume=args.resume,
+                           output=output)
     val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
     print(f"done: {result.step} steps, {result.tokens:,} tokens, {result.elapsed_s:.1f} s, "
           f"final val bpb {val} ({out})", flush=True)
-    if args.data is None:
+    if args.data is None and cfg.task == "lm":
         text = generate(result.params, cfg, FINAL_SAMPLE_PROMPT.encode(), FINAL_SAMPLE_BYTES,
                         temperature=DEFAULT_TEMPERATURE, seed=0)
         print(f"sample (temperature {DEFAULT_TEMPERATURE}, seed 0):\n{FINAL_SAMPLE_PROMPT}{decode_text(text)}")
@@ -159,6 +172,19 @@ def _bpb_text(args, run_info):
     return corpus.validation, f"{corpus.source}, validation: {corpus.split}"
 
 
+def _mqar_report(args, cfg, params):
+    """eval --task mqar: accuracy on freshly generated sequences of the run's MQAR settings, from the
+    generator's test stream (never a training or validation sequence's stream)."""
+    from . import mqar
+    if args.data is not None:
+        raise ValueError("eval --task mqar takes no --data: its sequences are generated")
+    mqar.check(1, cfg.mqar_pairs, cfg.context, cfg.vocab, cfg.mqar_power_a)
+    samples = args.samples or DEFAULT_MQAR_SAMPLES
+    scores = mqar.evaluate(params, cfg, mqar.held_out(cfg, samples, args.seed))
+    return scores | {"samples": samples, "pairs": cfg.mqar_pairs, "context": cfg.context,
+                     "vocab": cfg.vocab, "power_a": cfg.mqar_power_a, "seed": args.seed}
+
+
 def cmd_eval(args):
     from . import evaluate
     cfg, params, state = rundir.load(args.run, device.array_module(args.device))
@@ -178,6 +204,10 @@ def cmd_eval(args):
             report |= evaluate.lambada(params, cfg, pairs, progress=tick)
         line = (f"lambada: acc {report['acc']:.4f}, ppl {report['ppl']:.2f}, byte ppl {report['byte_ppl']:.3f}, "
                 f"bpb {report['bpb']:.4f} ({report['examples']} examples)")
+    elif args.task == "mqar":
+        report |= _mqar_report(args, cfg, params)
+        line = (f"mqar: acc {report['acc']:.4f}, loss {report['loss']:.4f} over {report['queries']:,} queries "
+                f"({report['samples']} sequences of {cfg.context} tokens, {cfg.mqar_pairs} pairs, seed {args.seed})")
     else:
         if args.data is None:
             raise ValueError("eval --task niah needs --data (a ruler_niah folder)")

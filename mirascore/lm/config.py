@@ -33,7 +33,9 @@ MODEL_KEYS = ("model", "vocab", "width", "depth", "heads", "ffn_hidden", "tie_em
               "gate_rank", "expansion", "lr_gate_max", "alpha_floor", "rule")
 TRAIN_KEYS = ("steps", "batch", "context", "accumulate", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "beta1", "beta2", "adam_eps", "clip", "seed", "dtype", "tf32",
-              "log_every", "eval_every", "eval_batches", "checkpoint_every")
+              "log_every", "eval_every", "eval_batches", "checkpoint_every", "task", "mqar_pairs",
+              "mqar_power_a")
+TASKS = ("lm", "mqar")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class Config:
     eval_every: int = 200        # steps between validation passes; 0: only at the end
     eval_batches: int = 20       # validation batches of `batch` sequences
     checkpoint_every: int = 0    # steps between checkpoints; 0: only at the end
+    task: str = "lm"             # "lm": next-byte prediction on a corpus; "mqar": associative recall (mqar.py)
+    mqar_pairs: int = 8          # mqar: key-value pairs per sequence of `context` tokens
+    mqar_power_a: float = 0.01   # mqar: Zoology's power law of the query positions (1: uniform)
 
     @property
     def head_dim(self):
@@ -173,9 +178,9 @@ def replace(cfg, **changes):
 
 _POSITIVE_INT = ("vocab", "width", "depth", "heads", "attention_block", "chunk", "conv",
                  "gate_rank", "expansion", "steps", "batch", "context", "accumulate",
-                 "log_every", "eval_batches")
+                 "log_every", "eval_batches", "mqar_pairs")
 _NON_NEGATIVE_INT = ("ffn_hidden", "warmup", "seed", "eval_every", "checkpoint_every")
-_POSITIVE_REAL = ("norm_eps", "init_std", "rope_base", "lr", "adam_eps", "lr_gate_max")
+_POSITIVE_REAL = ("norm_eps", "init_std", "rope_base", "lr", "adam_eps", "lr_gate_max", "mqar_power_a")
 _DTYPES = ("float32", "float64")
 
 
@@ -206,6 +211,10 @@ def validate(cfg):
         raise ValueError(f"config key 'clip' must be ≥ 0 (0 disables clipping), got {cfg.clip!r}")
     if cfg.dtype not in _DTYPES:
         raise ValueError(f"config key 'dtype' must be one of {_DTYPES}, got {cfg.dtype!r}")
+    if cfg.task not in TASKS:
+        raise ValueError(f"config key 'task' must be one of {TASKS}, got {cfg.task!r}")
+    if cfg.task == "mqar":
+        _check_mqar(cfg)
     if cfg.width % cfg.heads:
         raise ValueError(f"config key 'heads' ({cfg.heads}) must divide 'width' ({cfg.width})")
     if cfg.is_transformer and cfg.head_dim % 2:
@@ -222,6 +231,17 @@ def _range(name, value, low, high, high_open=False):
     if value < low or value > high or (high_open and value == high):
         bracket = ")" if high_open else "]"
         raise ValueError(f"config key {name!r} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _check_mqar(cfg):
+    """The MQAR sequences of cfg must exist: pairs and one two-token query slot per key fit into the
+    context, and the keys and values (disjoint halves of the vocabulary) are distinct."""
+    if 4 * cfg.mqar_pairs > cfg.context:
+        raise ValueError(f"config key 'mqar_pairs' ({cfg.mqar_pairs}) needs 'context' ≥ 4·mqar_pairs = "
+                         f"{4 * cfg.mqar_pairs}, got {cfg.context}")
+    if 2 * cfg.mqar_pairs > cfg.vocab:
+        raise ValueError(f"config key 'mqar_pairs' ({cfg.mqar_pairs}) needs 'vocab' ≥ 2·mqar_pairs = "
+                         f"{2 * cfg.mqar_pairs}, got {cfg.vocab}")
 
 
 def _check_model(cfg):

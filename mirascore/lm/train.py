@@ -10,8 +10,13 @@ on the device; the host waits for it only at log, eval and checkpoint steps. The
 initialisation and the optimizer are pure functions of (cfg, step), and the checkpoint holds all
 the rest (params, moments, the running loss sum of the current log window), so a resumed run
 computes bit for bit what an uninterrupted one computes.
+
+Data-parallel (distributed.py): with a communicator `comm` of N ranks, each rank trains on its
+rows of every global batch, the gradients and the loss are averaged over the ranks before
+clipping, and rank 0 alone writes the run directory.
 """
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import sys
@@ -24,10 +29,9 @@ import numpy as np
 import mirascore.autodiff as ad
 from mirascore._xp import namespace
 
-from . import checkpoint, data, device, rundir
+from . import checkpoint, data, device, distributed, rundir, tasks
 from . import model as lm_model
 from .config import replace
-from .evaluate import bits_per_byte, mean_loss
 from .optim import adamw_init, adamw_update, clip_by_global_norm, learning_rate
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s")     # the metrics that differ between identical runs
@@ -62,11 +66,13 @@ def config_hash(cfg):
     return hashlib.sha256(cfg.to_toml().encode()).hexdigest()
 
 
-def train_step(params, opt, tokens, lr, cfg):
-    """One optimizer step on a host int batch (batch, context + 1): (params, opt, loss, grad_norm),
-    loss = the batch's mean loss and grad_norm = the norm before clipping, both 0-d device arrays."""
+def train_step(params, opt, tokens, lr, cfg, reduce=None):
+    """One optimizer step on a host int batch of cfg.task (tasks.py; lm: (batch, context + 1) bytes):
+    (params, opt, loss, grad_norm), loss = the batch's mean loss and grad_norm = the norm before
+    clipping, both 0-d device arrays. reduce(loss, grads) -> (loss, grads), when given, averages
+    them over the data-parallel ranks."""
     xp = namespace(*params.values())
-    loss_and_grad = ad.value_and_grad(lm_model.loss)
+    loss_and_grad = ad.value_and_grad(tasks.loss_fn(cfg))
     loss, grads = None, None
     for micro in data.micro_batches(tokens, cfg.accumulate):
         micro_loss, micro_grads = loss_and_grad(params, xp.asarray(micro), cfg)
@@ -78,6 +84,8 @@ def train_step(params, opt, tokens, lr, cfg):
     if cfg.accumulate > 1:
         loss = loss / cfg.accumulate
         grads = {name: g / cfg.accumulate for name, g in grads.items()}
+    if reduce is not None:            # before clipping: every rank clips the same global gradient
+        loss, grads = reduce(loss, grads)
     grads, norm = clip_by_global_norm(grads, cfg.clip)
     params, opt = adamw_update(params, grads, opt, lr, cfg, lm_model.decays)
     return params, opt, loss, norm
@@ -111,10 +119,12 @@ def _check_resumable(run_dir, cfg, corpus):
                          f"before its first one: remove the directory to start afresh)")
 
 
-def _checkpoint_state(cfg, step, window, elapsed):
+def _checkpoint_state(cfg, step, window, elapsed, ranks=1):
     return {"step": step, "tokens": step * cfg.batch * cfg.context, "seed": cfg.seed,
             "data": {"seed": cfg.seed, "next_step": step,
-                     "order": "window starts of step s from numpy default_rng([seed, 0, s])"},
+                     "order": "window starts of step s from numpy default_rng([seed, 0, s])",
+                     "batch": cfg.batch, "ranks": ranks,     # rank r trained on rows rank_rows[r]
+                     "rank_rows": distributed.all_rank_rows(cfg.batch, ranks)},
             "rng": "none carried: initialisation and data order are seeded by (seed, step)",
             "window": {"loss_sum": float(window.loss_sum), "steps": window.steps},
             "elapsed_s": elapsed, "config_hash": config_hash(cfg), "version": version()}
@@ -130,78 +140,94 @@ def _progress(output, cfg, start):
 def _log_line(row, cfg):
     text = (f"step {row['step']}/{cfg.steps} | loss {row['loss']:.4f} | lr {row['lr']:.3g} | "
             f"grad norm {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tokens/s")
-    return text + (f" | val bpb {row['val_bpb']:.4f}" if "val_bpb" in row else "")
+    text += f" | val bpb {row['val_bpb']:.4f}" if "val_bpb" in row else ""
+    return text + (f" | val acc {row['val_acc']:.4f}" if "val_acc" in row else "")
 
 
 def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=False, stop_at=None,
-        output="silent"):
+        output="silent", comm=None):
     """Train cfg (with steps=N: cfg.steps = N) into run directory out_dir; see the module docstring.
 
     data_path: None (the embedded corpus), a text file or a folder (data.load_corpus).
     stop_at: end this session after that step, with a checkpoint, as if killed right after it
     (a later run(..., resume=True) finishes the run). output: "bar" (tqdm on stderr), "log" (a
-    line per metrics row on stdout) or "silent". Returns a TrainResult."""
+    line per metrics row on stdout) or "silent". comm: this process's rank of a data-parallel
+    group (distributed.py; None: training alone). Returns a TrainResult (on ranks other than 0,
+    its metrics are empty and its val_bpb None)."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if steps is not None:
         cfg = replace(cfg, steps=steps)
+    if comm is not None:
+        distributed.check_world(cfg, comm.size)
     checkpoint.require_safetensors()          # missing extras fail before the run directory exists
     if output == "bar":
         import tqdm.auto  # noqa: F401
     xp = device.array_module(device_name)
     with device.tf32(cfg.tf32 and xp is not np):
-        return _run(cfg, Path(out_dir), data.load_corpus(data_path), xp, resume, stop_at, output)
+        return _run(cfg, Path(out_dir), tasks.corpus(cfg, data_path), xp, resume, stop_at, output, comm)
 
 
-def _start(cfg, run_dir, corpus, xp, resume):
-    """(params, opt, step, elapsed_s, window): a fresh run's, or those of its last checkpoint."""
+def _start(cfg, run_dir, corpus, xp, resume, comm):
+    """(params, opt, step, elapsed_s, window): a fresh run's, or those of its last checkpoint.
+    Every rank draws the same initialisation or reads the same checkpoint; rank 0 alone writes."""
+    writer = comm is None or comm.rank == 0
     if not resume:
-        rundir.create(run_dir, cfg, _run_info(cfg, corpus, xp))
+        if writer:
+            rundir.create(run_dir, cfg, _run_info(cfg, corpus, xp))
         params = lm_model.init(cfg, seed=cfg.seed, xp=xp)
         return params, adamw_init(params), 0, 0.0, Window(xp.zeros((), dtype=cfg.dtype), 0)
-    _check_resumable(run_dir, cfg, corpus)
-    checkpoint.recover(run_dir)
+    if writer:
+        _check_resumable(run_dir, cfg, corpus)
+        checkpoint.recover(run_dir)
+    if comm is not None:
+        comm.barrier()                # the others read the checkpoint once rank 0 has recovered it
     params, opt, state = checkpoint.load(run_dir, xp)
     if state["config_hash"] != config_hash(cfg):
         raise ValueError(f"--resume: the checkpoint in {str(run_dir)!r} belongs to another config")
-    rundir.truncate_metrics(run_dir, state["step"])
+    if writer:
+        rundir.truncate_metrics(run_dir, state["step"])
     window = Window(xp.asarray(state["window"]["loss_sum"], dtype=cfg.dtype), state["window"]["steps"])
     return params, opt, state["step"], state["elapsed_s"], window
 
 
-def _run(cfg, run_dir, corpus, xp, resume, stop_at, output):
-    params, opt, step, elapsed_before, window = _start(cfg, run_dir, corpus, xp, resume)
-    validation = data.validation_batches(corpus.validation, cfg.seed, cfg.eval_batches, cfg.batch, cfg.context)
+def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
+    params, opt, step, elapsed_before, window = _start(cfg, run_dir, corpus, xp, resume, comm)
+    writer = comm is None or comm.rank == 0           # rank 0 alone writes metrics and checkpoints
+    ranks = 1 if comm is None else comm.size
+    rows_of_rank = slice(None) if comm is None else distributed.rank_rows(cfg.batch, comm.rank, comm.size)
+    reduce = None if comm is None else functools.partial(distributed.mean_over_ranks, comm)
+    validation = tasks.validation_batches(cfg, corpus)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     session_start = window_start = time.perf_counter()
     timed_steps, rows = 0, []           # steps of this window run in this session (for tokens/s)
     bar = _progress(output, cfg, step)
     try:
         for s in range(step, end):
-            tokens = data.train_batch(corpus.train, s, cfg.seed, cfg.batch, cfg.context)
-            params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg)
+            tokens = tasks.train_batch(cfg, corpus, s)[rows_of_rank]
+            params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg, reduce)
             window = Window(window.loss_sum + loss, window.steps + 1)
             timed_steps += 1
             done = s + 1
             evaluating = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
-            if done % cfg.log_every == 0 or evaluating:
+            if writer and (done % cfg.log_every == 0 or evaluating):
                 row = {"step": done, "tokens": done * cfg.batch * cfg.context,
                        "loss": float(window.loss_sum) / window.steps, "lr": learning_rate(s, cfg),
                        "grad_norm": float(norm)}
                 seconds = time.perf_counter() - window_start     # after float(): the device is done
                 row["tokens_per_s"] = timed_steps * cfg.batch * cfg.context / max(seconds, 1e-9)
                 if evaluating:
-                    row["val_bpb"] = bits_per_byte(mean_loss(params, cfg, validation))
+                    row |= tasks.validation_metrics(params, cfg, validation)
                 row["elapsed_s"] = elapsed_before + time.perf_counter() - session_start
                 rundir.append_metrics(run_dir, row)
                 rows.append(row)
                 _report(bar, output, row, cfg)
                 window, timed_steps = Window(xp.zeros((), dtype=cfg.dtype), 0), 0
                 window_start = time.perf_counter()              # the eval is not training time
-            if done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            if writer and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 saving = time.perf_counter()
                 checkpoint.save(run_dir, params, opt, _checkpoint_state(
-                    cfg, done, window, elapsed_before + saving - session_start))
+                    cfg, done, window, elapsed_before + saving - session_start, ranks))
                 window_start += time.perf_counter() - saving     # nor is saving
             if bar is not None:
                 bar.update(1)
@@ -209,7 +235,7 @@ def _run(cfg, run_dir, corpus, xp, resume, stop_at, output):
         if bar is not None:
             bar.close()
     step = max(step, end)
-    val = [row["val_bpb"] for row in rundir.read_metrics(run_dir) if "val_bpb" in row]
+    val = [row["val_bpb"] for row in rundir.read_metrics(run_dir) if "val_bpb" in row] if writer else []
     return TrainResult(params, opt, step, rows, val[-1] if val else None, step * cfg.batch * cfg.context,
                        elapsed_before + time.perf_counter() - session_start, run_dir)
 
