@@ -297,7 +297,10 @@ DELTA_SHAPES = [((2,), 37, 8, 8, 8), ((2, 3), 77, 5, 4, 16), ((1,), 41, 64, 128,
 def test_gated_deltanet_in_low_precision(poisoned, shape):
     """Every output and gradient within 1e-2 of float64 in bf16, fp16 and tf32 (the worst of them
     on the host emulation of these roundings: bf16 4.0–5.7e-3, fp16 and tf32 5.0–6.7e-4), and
-    visibly off the fp32 result (Y and dK ≥ 1e-5: the precision reached the products)."""
+    for bf16 and fp16 visibly off the fp32 result (Y and dK ≥ 1e-5: the casts reached the
+    products). TF32 is a permission, not an order: cuBLAS runs these small, unaligned products
+    (d = 5, 8) with fp32 kernels, bit for bit the fp32 result (measured on the H200); the TF32
+    kernels themselves are checked in test_gpu_blas_graph.py."""
     import cupy
     batch, T, d_k, d_v, chunk = shape
     rule = mc.presets.gated_deltanet(d_k, d_v)
@@ -311,7 +314,8 @@ def test_gated_deltanet_in_low_precision(poisoned, shape):
         errors = {name: rel_rms(got[name], want[name]) for name in want}
         worst = max(errors, key=errors.get)
         assert errors[worst] <= BOUND, f"{precision}: {worst} relative error {errors[worst]:.2e}"
-        assert min(rel_rms(got[n], fp32[n]) for n in ("Y", "dK")) >= 1e-5, f"{precision} not applied"
+        if precision != "tf32":
+            assert min(rel_rms(got[n], fp32[n]) for n in ("Y", "dK")) >= 1e-5, f"{precision} not applied"
 
 
 @pytest.mark.gpu
