@@ -3,6 +3,8 @@
 
     python3 benchmarks/shakespeare_yardstick.py --device gpu --steps 5000 [--models transformer,moneta]
                                                 [--torch] [--tf32] [--out runs/yardstick] [--json PATH]
+                                                [--plot PNG]
+    python3 benchmarks/shakespeare_yardstick.py --from-json PATH --plot PNG     # the figure again
 
 Trains models/yardstick/<model>-shakespeare.toml (nanoGPT's size and recipe: 6 layers × 384,
 context 256, batches of 64 × 256 bytes, lr 1e-3 → 1e-4) on the embedded Tiny Shakespeare with
@@ -11,7 +13,8 @@ context 256, batches of 64 × 256 bytes, lr 1e-3 → 1e-4) on the embedded Tiny 
 written in PyTorch (benchmarks/torch_reference.py) trains from the same initial parameters on the
 same batches with the same schedule, AdamW, clipping and precision: if the two curves agree, the
 recipe is the model's, not a defect of the trainer. Prints val bits per byte, wall time and
-tokens/s beside nanoGPT's published 2.12 bits (1.4697 nats/char after 82M characters).
+tokens/s beside nanoGPT's published 2.12 bits (1.4697 nats/char after 82M characters); --plot
+draws every row's training loss against tokens (matplotlib).
 """
 import argparse
 import json
@@ -77,6 +80,25 @@ def run_torch(args):
                 losses=losses)
 
 
+def plot(rows, steps, path):
+    """Training loss (nats per byte, the mean of each logging window) of every row against tokens."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    every = max(1, steps // 20)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in rows:
+        tokens = [min((i + 1) * every, r["steps"]) * r["tokens"] / r["steps"] for i in range(len(r["losses"]))]
+        ax.plot(tokens, r["losses"], label=f"{r['model']} (val {r['val_bpb']:.3f} bits)")
+    ax.set(xlabel="tokens (bytes)", ylabel="training loss (nats per byte)",
+           title=f"shakespeare_char size and recipe, {steps} steps of 64 × 256")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="transformer,moneta")
@@ -86,7 +108,14 @@ def main():
     ap.add_argument("--torch", action="store_true", help="also the PyTorch Transformer++ (needs torch)")
     ap.add_argument("--out", default="runs/yardstick")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--plot", metavar="PNG", help="training-loss curves of the rows")
+    ap.add_argument("--from-json", metavar="PATH", help="train nothing: the rows of an earlier --json")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        if args.plot:
+            plot(saved["rows"], saved["args"]["steps"], args.plot)
+        return
     rows = []
     jobs = ([run_torch] if args.torch else []) + [
         lambda args, name=name.strip(): run_ours(name, args) for name in args.models.split(",")]
@@ -103,6 +132,8 @@ def main():
     for r in rows:
         print(f"| {r['model']} | {r['params']:,} | {r['steps']:,} | {r['tokens']:,} | {r['wall_s']:.0f} | "
               f"{r['tokens'] / r['wall_s']:,.0f} | {r['val_bpb']:.4f} |")
+    if args.plot and rows:
+        plot(rows, args.steps, args.plot)
 
 
 if __name__ == "__main__":
