@@ -2,7 +2,7 @@
 """Multi-query associative recall (MQAR, Zoology): a 2-layer model of every mixer trained on generated
 MQAR sequences at four sizes of key-value sets; a markdown table of held-out accuracy and wall time.
 
-    python3 benchmarks/mqar.py --device gpu --json mqar.json       # the table (sized for ~3-5 min on a GPU)
+    python3 benchmarks/mqar.py --device gpu --json mqar.json       # the table (~4 min per column on an H200)
     python benchmarks/mqar.py --quick                               # tiny settings: a CPU smoke run, ~1 min
 
 Each row is `mirascore.lm.train.run` (the trainer, task = "mqar") on a config built from
@@ -20,6 +20,10 @@ sequences: what `mirascore eval RUN_DIR --task mqar` prints. Settings for every 
 column by column (all models at the smallest pair count first), so a run cut short by --time-limit
 still has whole columns; --json is rewritten after every row. Accuracy is per query (Zoology's);
 chance is 1 / (vocab / 2) = 1/128 for a model that has learnt only which tokens are values.
+
+Measured on an H200 (docs/results.md): a row of 500 steps takes 11–57 s at 8 or 32 pairs; at 150
+steps every mixer but Titans (0.41) stayed near chance, at 500 Titans solved 8 pairs (1.000) and the
+others had barely begun, so 500 is the default and more steps separate the rest.
 """
 import argparse
 import json
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from mirascore.lm import config, model, mqar, train  # noqa: E402
 
 MODELS = ("transformer", "gated_deltanet", "moneta", "yaad", "memora", "titans")
-FULL = {"pairs": (8, 32, 64, 128), "contexts": (256, 256, 512, 1024), "tokens": 32768, "steps": 150,
+FULL = {"pairs": (8, 32, 64, 128), "contexts": (256, 256, 512, 1024), "tokens": 32768, "steps": 500,
         "lr": 3e-3, "warmup": 15, "samples": 256}
 QUICK = {"pairs": (2, 4, 8, 16), "contexts": (16, 16, 32, 64), "tokens": 256, "steps": 10,
          "lr": 1e-2, "warmup": 2, "samples": 16,
@@ -92,7 +96,7 @@ def main(argv=None):
     ap.add_argument("--pairs", type=_ints, help="key-value pairs per column (default 8,32,64,128; quick 2,4,8,16)")
     ap.add_argument("--contexts", type=_ints, help="sequence length per column (default 256,256,512,1024)")
     ap.add_argument("--tokens", type=int, help="tokens per optimizer step (default 32768; quick 256)")
-    ap.add_argument("--steps", type=int, help="optimizer steps per row (default 150; quick 10)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per row (default 500; quick 10)")
     ap.add_argument("--samples", type=int, help="held-out test sequences per row (default 256; quick 16)")
     ap.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="config override for every row (TOML value syntax)")
