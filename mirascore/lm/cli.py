@@ -128,6 +128,8 @@ def cmd_train(args):
         result = train.run(cfg, out, data_path=args.data, device_name=device_name, resume=args.resume,
                            output=output)
     val = "n/a" if result.val_bpb is None else f"{result.val_bpb:.4f}"
+    accuracy = [row["val_acc"] for row in rundir.read_metrics(out) if "val_acc" in row]
+    val += f", val acc {accuracy[-1]:.4f}" if accuracy else ""          # mqar runs
     print(f"done: {result.step} steps, {result.tokens:,} tokens, {result.elapsed_s:.1f} s, "
           f"final val bpb {val} ({out})", flush=True)
     if args.data is None and cfg.task == "lm":
