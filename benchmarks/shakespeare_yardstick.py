@@ -3,16 +3,17 @@
 
     python3 benchmarks/shakespeare_yardstick.py --device gpu --steps 5000 [--models transformer,moneta]
                                                 [--torch] [--tf32] [--out runs/yardstick] [--json PATH]
-                                                [--plot PNG]
+                                                [--dropout P] [--plot PNG]
     python3 benchmarks/shakespeare_yardstick.py --from-json PATH --plot PNG     # the figure again
 
 Trains models/yardstick/<model>-shakespeare.toml (nanoGPT's size and recipe: 6 layers × 384,
-context 256, batches of 64 × 256 bytes, lr 1e-3 → 1e-4) on the embedded Tiny Shakespeare with
+context 256, batches of 64 × 256 bytes, lr 1e-3 → 1e-4, dropout 0.2) on the embedded Tiny Shakespeare with
 `mirascore.lm.train.run`, `--steps` optimizer steps (the schedule spans them; nanoGPT's budget is
 5,000; warm-up min(100, steps/10)). With --torch (GPU or CPU, needs torch), the same Transformer++
 written in PyTorch (benchmarks/torch_reference.py) trains from the same initial parameters on the
-same batches with the same schedule, AdamW, clipping and precision: if the two curves agree, the
-recipe is the model's, not a defect of the trainer. Prints val bits per byte, wall time and
+same batches with the same schedule, AdamW, clipping, dropout (nn.Dropout at the same places, with
+torch's own masks) and precision: if the two curves agree, the recipe is the model's, not a defect
+of the trainer. Prints val bits per byte, wall time and
 tokens/s beside nanoGPT's published 2.12 bits (1.4697 nats/char after 82M characters); --plot
 draws every row's training loss against tokens (matplotlib).
 """
@@ -35,15 +36,19 @@ CONFIGS = Path(__file__).resolve().parent.parent / "models" / "yardstick"
 NANOGPT = dict(val_bpb=1.4697 / math.log(2.0), tokens=5000 * 64 * 256, wall_s=180.0, device="one A100")
 
 
-def config(name, steps, tf32):
-    cfg = load_config(CONFIGS / f"{name}-shakespeare.toml", tf32=tf32)
-    return load_config(CONFIGS / f"{name}-shakespeare.toml", steps=steps, tf32=tf32,
-                       warmup=min(cfg.warmup, steps // 10), eval_every=0, checkpoint_every=0,
-                       log_every=max(1, steps // 20))
+def config(name, args):
+    """The yardstick config of `name`, its schedule spanning args.steps; args.dropout, when given,
+    replaces the config's rate."""
+    path = CONFIGS / f"{name}-shakespeare.toml"
+    cfg = load_config(path)
+    dropout = cfg.dropout if args.dropout is None else args.dropout
+    return load_config(path, steps=args.steps, tf32=args.tf32, dropout=dropout,
+                       warmup=min(cfg.warmup, args.steps // 10), eval_every=0, checkpoint_every=0,
+                       log_every=max(1, args.steps // 20))
 
 
 def run_ours(name, args):
-    cfg = config(name, args.steps, args.tf32)
+    cfg = config(name, args)
     result = train.run(cfg, Path(args.out) / name, device_name=args.device, output="log")
     return dict(model=f"mirascore {name}", params=model.param_count(cfg), steps=result.step,
                 tokens=result.tokens, wall_s=result.elapsed_s, val_bpb=result.val_bpb,
@@ -54,8 +59,9 @@ def run_torch(args):
     """The PyTorch Transformer++ on the same batches, schedule and initial parameters."""
     import torch
     import torch_reference as ref
-    cfg = config("transformer", args.steps, args.tf32)
+    cfg = config("transformer", args)
     dev = "cuda" if args.device == "gpu" else "cpu"
+    torch.manual_seed(cfg.seed)                # its dropout masks
     net = ref.LM(cfg).to(dev)
     ref.load_params(net, model.init(cfg, seed=cfg.seed), cfg)
     step = ref.make_step(net, cfg, "tf32" if args.tf32 else "fp32")
@@ -73,6 +79,7 @@ def run_torch(args):
             window = []
             print(f"torch step {s + 1}/{cfg.steps} | loss {losses[-1]:.4f}", flush=True)
     wall = time.perf_counter() - start
+    net.eval()                                 # validation without dropout, as ours
     with torch.no_grad():
         val = sum(float(net.loss(torch.as_tensor(b, device=dev).long())) for b in validation) / len(validation)
     return dict(model="PyTorch transformer", params=ref.param_count(net), steps=cfg.steps,
@@ -105,6 +112,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls (ours and torch's)")
+    ap.add_argument("--dropout", type=float, help="dropout rate of every row (default: the configs' 0.2)")
     ap.add_argument("--torch", action="store_true", help="also the PyTorch Transformer++ (needs torch)")
     ap.add_argument("--out", default="runs/yardstick")
     ap.add_argument("--json", metavar="PATH")

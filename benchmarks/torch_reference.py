@@ -4,6 +4,9 @@ exactly the same parameters (so the same count, and `load_params` copies ours in
 
     embedding → depth × [x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))] → RMSNorm → tied head
 
+With cfg.dropout > 0, nn.Dropout acts where mirascore's dropout does (the embedding, each mixer
+and SwiGLU output) while the module is in training mode; its masks are torch's, not ours.
+
 - Transformer++ mixer: fused q/k/v projection, half-split RoPE on q and k,
   `F.scaled_dot_product_attention(is_causal=True)`, output projection; no biases.
 - Gated DeltaNet mixer (mirascore's Miras layer with `mc.presets.gated_deltanet`): fused q/k/v
@@ -122,6 +125,11 @@ class GatedDeltaNet(nn.Module):
         return self.out(y * F.silu(self.out_gate(x)))
 
 
+def dropout(cfg):
+    """nn.Dropout(cfg.dropout), or the identity without dropout (no mask work, the old graph)."""
+    return nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+
 class Block(nn.Module):
     def __init__(self, cfg, mixer):
         super().__init__()
@@ -129,10 +137,11 @@ class Block(nn.Module):
         self.mixer = Attention(cfg) if cfg.is_transformer else GatedDeltaNet(cfg, mixer)
         self.ffn_norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.width, cfg.ffn)
+        self.drop = dropout(cfg)
 
     def forward(self, x):
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.drop(self.mixer(self.mixer_norm(x)))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
 class LM(nn.Module):
@@ -147,12 +156,13 @@ class LM(nn.Module):
         if not cfg.is_transformer and mixer is None:
             mixer, self.note = fla_gated_delta_rule()
         self.embed = nn.Embedding(cfg.vocab, cfg.width)
+        self.drop = dropout(cfg)
         self.blocks = nn.ModuleList(Block(cfg, mixer) for _ in range(cfg.depth))
         self.norm = RMSNorm(cfg.width, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.width, cfg.vocab, bias=False)
 
     def forward(self, tokens):
-        x = self.embed(tokens)
+        x = self.drop(self.embed(tokens))
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)

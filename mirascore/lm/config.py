@@ -29,7 +29,7 @@ import mirascore as mc
 
 TRANSFORMER = "transformer"
 MODEL_KEYS = ("model", "vocab", "width", "depth", "heads", "ffn_hidden", "tie_embeddings",
-              "norm_eps", "init_std", "rope_base", "attention_block", "chunk", "conv",
+              "norm_eps", "init_std", "dropout", "rope_base", "attention_block", "chunk", "conv",
               "gate_rank", "expansion", "lr_gate_max", "alpha_floor", "rule")
 TRAIN_KEYS = ("steps", "batch", "context", "accumulate", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "beta1", "beta2", "adam_eps", "clip", "seed", "dtype", "tf32",
@@ -51,6 +51,7 @@ class Config:
     tie_embeddings: bool = True  # output projection = embeddingᵀ
     norm_eps: float = 1e-6       # RMSNorm
     init_std: float = 0.02       # normal init of every projection (output projections scaled by 1/sqrt(2·depth))
+    dropout: float = 0.0         # training only: dropout on the embedding, mixer and SwiGLU outputs
     rope_base: float = 10000.0   # transformer only
     attention_block: int = 64    # transformer: query/key block of the blockwise attention (not semantic)
     chunk: int = 64              # Miras mixers: chunk size of mc.scan (semantic for anchored rules)
@@ -73,7 +74,7 @@ class Config:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     clip: float = 1.0            # global gradient-norm clip; 0 disables
-    seed: int = 0                # initialisation and data order
+    seed: int = 0                # initialisation, data order and dropout masks
     dtype: str = "float32"       # parameters and compute
     tf32: bool = False           # GPU: TF32 tensor-core matmuls
     log_every: int = 10          # steps between metrics lines
@@ -203,6 +204,7 @@ def validate(cfg):
             raise ValueError(f"config key {name!r} must be > 0, got {getattr(cfg, name)!r}")
     _range("min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0)
     _range("alpha_floor", cfg.alpha_floor, 0.0, 1.0, high_open=True)
+    _range("dropout", cfg.dropout, 0.0, 1.0, high_open=True)     # 1 would drop everything (and ÷ 0)
     _range("beta1", cfg.beta1, 0.0, 1.0, high_open=True)
     _range("beta2", cfg.beta2, 0.0, 1.0, high_open=True)
     if cfg.weight_decay < 0:

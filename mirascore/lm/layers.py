@@ -3,6 +3,8 @@
 Shapes: x (B, T, C) activations; weights are plain arrays from the params dict.
 The derivations of the hand-written VJPs (cross-entropy) are in docs/derivations/lm-layers.md.
 """
+import numpy as np
+
 import mirascore.autodiff as ad
 import mirascore.autodiff.numpy as anp
 from mirascore._xp import namespace
@@ -31,6 +33,34 @@ def l2_normalize(x, eps=1e-6):
 def swiglu(x, w_gate, w_up, w_down):
     """(silu(x W_gate) ⊙ x W_up) W_down: the feed-forward block."""
     return anp.matmul(silu(anp.matmul(x, w_gate)) * anp.matmul(x, w_up), w_down)
+
+
+def dropout_rng(xp, seed):
+    """The generator of one forward pass's dropout masks, on xp's device: xp.random.default_rng of
+    one int derived from `seed` (an int or a tuple of ints ≥ 0). CuPy's generator draws on the GPU
+    (nothing is drawn on the host and copied), and it takes one int, hence the derivation."""
+    entropy = list(seed) if isinstance(seed, (tuple, list)) else [seed]
+    if not entropy or any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < 0
+                          for e in entropy):
+        raise ValueError(f"dropout_seed must be an integer ≥ 0 or a tuple of them, got {seed!r}")
+    return xp.random.default_rng(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+
+def dropout_mask(rng, shape, rate, dtype):
+    """Inverted dropout's mask: 0 with probability `rate`, else 1/(1 − rate), so that E[mask ⊙ x] = x
+    and evaluation needs no rescaling. The uniforms are float32 whatever dtype (the same masks in
+    float32 and float64 runs, and half the draws' memory)."""
+    keep = rng.random(shape, dtype=np.float32) >= np.float32(rate)
+    return keep.astype(dtype) * np.dtype(dtype).type(1.0 / (1.0 - rate))
+
+
+def dropout(x, rate, rng):
+    """x ⊙ mask (inverted dropout); the identity when rng is None (evaluation) or rate is 0. The mask
+    is a plain array, a constant to autodiff: the gradient is g ⊙ mask with no primitive of its own."""
+    if rng is None or rate == 0:
+        return x
+    value = unbox(x)
+    return x * dropout_mask(rng, value.shape, rate, value.dtype)
 
 
 def causal_conv(x, weight, history=None):

@@ -2,6 +2,10 @@
 
     embedding → depth × [x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))] → RMSNorm → logits
 
+With cfg.dropout > 0 and a `dropout_seed` (training only), inverted dropout acts on the embedding
+and on each mixer and SwiGLU output before it joins the residual stream, as nanoGPT's; without a
+seed (evaluation, sampling, decoding) there is none.
+
 Parameters are a flat dict of arrays keyed by dotted names (the safetensors keys), e.g.
 "blocks.0.mixer.q.weight". Names ending in ".weight" are projection matrices, the only ones AdamW
 decays; ".gain" (norms), ".bias", ".kernel" (convolutions) and "memory.<i>" (learned initial
@@ -15,7 +19,7 @@ import mirascore.autodiff.numpy as anp
 from mirascore._xp import namespace
 
 from . import mixers
-from .layers import cross_entropy, embed, rms_norm, swiglu
+from .layers import cross_entropy, dropout, dropout_rng, embed, rms_norm, swiglu
 from .mixers import Param, constant, normal, projection
 
 
@@ -79,25 +83,38 @@ def _logits(params, x, cfg):
     return anp.matmul(x, head)
 
 
-def forward(params, tokens, cfg):
-    """Logits (B, T, vocab) for int tokens (B, T); causal: position t sees tokens ≤ t only."""
+def forward(params, tokens, cfg, dropout_seed=None):
+    """Logits (B, T, vocab) for int tokens (B, T); causal: position t sees tokens ≤ t only.
+    dropout_seed (an int or a tuple of ints; training only): draw cfg.dropout's masks from it; None:
+    no dropout. The same seed draws the same masks."""
     tokens = _tokens("tokens", tokens, cfg, ndim=2)
     mixer = mixers.mixer(cfg)
-    x = embed(params["embed.weight"], tokens)
+    rng = _dropout_rng(params, cfg, dropout_seed)
+    x = dropout(embed(params["embed.weight"], tokens), cfg.dropout, rng)
     for i in range(cfg.depth):
         block = _block(params, i)
         h = rms_norm(x, block["mixer_norm.gain"], cfg.norm_eps)
-        x = x + mixer.forward(_sub(block, "mixer."), h, cfg)
-        x = x + _ffn(block, x, cfg)
+        x = x + dropout(mixer.forward(_sub(block, "mixer."), h, cfg), cfg.dropout, rng)
+        x = x + dropout(_ffn(block, x, cfg), cfg.dropout, rng)
     return _logits(params, x, cfg)
 
 
-def loss(params, tokens, cfg):
-    """Mean next-token cross-entropy (nats) of int tokens (B, T) over the T − 1 predicted positions."""
+def _dropout_rng(params, cfg, dropout_seed):
+    """One generator for all of a forward pass's masks (drawn in a fixed order: embedding, then
+    each block's mixer and SwiGLU), on the parameters' device; None when nothing is dropped. One
+    per pass, not one per mask: a CuPy generator's setup initialises a state per GPU thread."""
+    if dropout_seed is None or not cfg.dropout:
+        return None
+    return dropout_rng(namespace(params["embed.weight"]), dropout_seed)
+
+
+def loss(params, tokens, cfg, dropout_seed=None):
+    """Mean next-token cross-entropy (nats) of int tokens (B, T) over the T − 1 predicted positions;
+    dropout_seed as forward's (None: no dropout)."""
     tokens = _tokens("tokens", tokens, cfg, ndim=2)
     if tokens.shape[1] < 2:
         raise ValueError(f"loss needs at least 2 tokens per sequence, got shape {tuple(tokens.shape)}")
-    return cross_entropy(forward(params, tokens[:, :-1], cfg), tokens[:, 1:])
+    return cross_entropy(forward(params, tokens[:, :-1], cfg, dropout_seed), tokens[:, 1:])
 
 
 class Cache(NamedTuple):

@@ -115,19 +115,19 @@ def _split(batch, cfg):
     return inputs, targets, _query_positions(targets, cfg.mqar_pairs)
 
 
-def _picked(params, batch, cfg):
+def _picked(params, batch, cfg, dropout_seed=None):
     """(logits at the query positions (B, pairs, vocab), their target values (B, pairs))."""
     inputs, targets, positions = _split(batch, cfg)
     xp = namespace(targets)
-    logits = lm_model.forward(params, inputs, cfg)
+    logits = lm_model.forward(params, inputs, cfg, dropout_seed)
     rows = xp.arange(targets.shape[0])[:, None]
     return logits[rows, positions], xp.take_along_axis(targets, positions, axis=1)
 
 
-def loss(params, batch, cfg):
+def loss(params, batch, cfg, dropout_seed=None):
     """Mean cross-entropy (nats) of the values at the query positions only; differentiable by ad.grad
-    (the trainer's loss for task = "mqar")."""
-    logits, values = _picked(params, batch, cfg)
+    (the trainer's loss for task = "mqar"). dropout_seed as lm.forward's (None: no dropout)."""
+    logits, values = _picked(params, batch, cfg, dropout_seed)
     return cross_entropy(logits, values)
 
 

@@ -27,7 +27,7 @@ def corpus(cfg, data_path):
 
 
 def loss_fn(cfg):
-    """The differentiable loss(params, batch, cfg) of the task."""
+    """The differentiable loss(params, batch, cfg, dropout_seed=None) of the task."""
     return mqar.loss if cfg.task == "mqar" else lm_model.loss
 
 

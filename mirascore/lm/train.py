@@ -9,11 +9,13 @@ clipped to a global norm of cfg.clip, then one AdamW step at learning_rate(step)
 on the device; the host waits for it only at log, eval and checkpoint steps. The data order, the
 initialisation and the optimizer are pure functions of (cfg, step), and the checkpoint holds all
 the rest (params, moments, the running loss sum of the current log window), so a resumed run
-computes bit for bit what an uninterrupted one computes.
+computes bit for bit what an uninterrupted one computes. Dropout masks (cfg.dropout > 0) are seeded
+by (cfg.seed, step, micro-batch, rank), so they too are redrawn identically on resume.
 
 Data-parallel (distributed.py): with a communicator `comm` of N ranks, each rank trains on its
 rows of every global batch, the gradients and the loss are averaged over the ranks before
-clipping, and rank 0 alone writes the run directory.
+clipping, and rank 0 alone writes the run directory. With dropout the rank is part of the masks' seed
+(ranks must not share masks), so N ranks match one process in distribution, not bit for bit.
 """
 import dataclasses
 import functools
@@ -35,6 +37,7 @@ from .config import replace
 from .optim import adamw_init, adamw_update, clip_by_global_norm, learning_rate
 
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s")     # the metrics that differ between identical runs
+DROPOUT_STREAM = 3       # dropout seeds (seed, 3, step, micro, rank); data and MQAR use streams 0-2
 OUTPUTS = ("bar", "log", "silent")
 
 
@@ -66,16 +69,24 @@ def config_hash(cfg):
     return hashlib.sha256(cfg.to_toml().encode()).hexdigest()
 
 
-def train_step(params, opt, tokens, lr, cfg, reduce=None):
+def dropout_seed(cfg, step, micro, rank=0):
+    """The seed of the dropout masks of micro-batch `micro` of optimizer step `step` on data-parallel
+    rank `rank` (None without dropout): a pure function of them and cfg.seed, so a resumed run draws
+    the masks the uninterrupted one draws. DROPOUT_STREAM keeps it apart from the data's seeds."""
+    return (cfg.seed, DROPOUT_STREAM, step, micro, rank) if cfg.dropout else None
+
+
+def train_step(params, opt, tokens, lr, cfg, reduce=None, step=0, rank=0):
     """One optimizer step on a host int batch of cfg.task (tasks.py; lm: (batch, context + 1) bytes):
     (params, opt, loss, grad_norm), loss = the batch's mean loss and grad_norm = the norm before
     clipping, both 0-d device arrays. reduce(loss, grads) -> (loss, grads), when given, averages
-    them over the data-parallel ranks."""
+    them over the data-parallel ranks. step (the optimizer step) and rank seed the dropout masks."""
     xp = namespace(*params.values())
     loss_and_grad = ad.value_and_grad(tasks.loss_fn(cfg))
     loss, grads = None, None
-    for micro in data.micro_batches(tokens, cfg.accumulate):
-        micro_loss, micro_grads = loss_and_grad(params, xp.asarray(micro), cfg)
+    for i, micro in enumerate(data.micro_batches(tokens, cfg.accumulate)):
+        micro_loss, micro_grads = loss_and_grad(params, xp.asarray(micro), cfg,
+                                                dropout_seed=dropout_seed(cfg, step, i, rank))
         if grads is None:
             loss, grads = micro_loss, micro_grads
         else:
@@ -125,7 +136,8 @@ def _checkpoint_state(cfg, step, window, elapsed, ranks=1):
                      "order": "window starts of step s from numpy default_rng([seed, 0, s])",
                      "batch": cfg.batch, "ranks": ranks,     # rank r trained on rows rank_rows[r]
                      "rank_rows": distributed.all_rank_rows(cfg.batch, ranks)},
-            "rng": "none carried: initialisation and data order are seeded by (seed, step)",
+            "rng": "none carried: initialisation and data order are seeded by (seed, step), dropout "
+                   "masks by (seed, step, micro-batch, rank)",
             "window": {"loss_sum": float(window.loss_sum), "steps": window.steps},
             "elapsed_s": elapsed, "config_hash": config_hash(cfg), "version": version()}
 
@@ -195,7 +207,8 @@ def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
     params, opt, step, elapsed_before, window = _start(cfg, run_dir, corpus, xp, resume, comm)
     writer = comm is None or comm.rank == 0           # rank 0 alone writes metrics and checkpoints
     ranks = 1 if comm is None else comm.size
-    rows_of_rank = slice(None) if comm is None else distributed.rank_rows(cfg.batch, comm.rank, comm.size)
+    rank = 0 if comm is None else comm.rank
+    rows_of_rank = slice(None) if comm is None else distributed.rank_rows(cfg.batch, rank, comm.size)
     reduce = None if comm is None else functools.partial(distributed.mean_over_ranks, comm)
     validation = tasks.validation_batches(cfg, corpus)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -205,7 +218,8 @@ def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
     try:
         for s in range(step, end):
             tokens = tasks.train_batch(cfg, corpus, s)[rows_of_rank]
-            params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg, reduce)
+            params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg, reduce,
+                                                 step=s, rank=rank)
             window = Window(window.loss_sum + loss, window.steps + 1)
             timed_steps += 1
             done = s + 1
