@@ -1,4 +1,4 @@
-"""The language models: gradients, decoding, causality, configs (DESIGN §7.1–7.2).
+"""The language models: gradients, decoding, causality, configs (docs/training.md).
 
 Every model is checked in float64 at tiny sizes: the whole-model gradient by finite differences,
 decode_step against forward (exact at the configured chunk size), causality and prefix

@@ -1,4 +1,4 @@
-"""Language models built from Miras memories, and their trainer (DESIGN §7, docs/training.md).
+"""Language models built from Miras memories, and their trainer (docs/training.md).
 
     import mirascore.lm as lm
     cfg    = lm.load_config("models/moneta-tiny.toml", chunk=16)   # keywords override fields

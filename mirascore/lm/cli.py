@@ -1,4 +1,4 @@
-"""The command line (DESIGN §7.3): `mirascore train | sample | eval | plot`, also `python -m mirascore`.
+"""The command line (docs/training.md, "Command line"): `mirascore train | sample | eval | plot`, also `python -m mirascore`.
 
 Bad input of any kind (an unknown config key, a bad value, a missing file or run, a --resume
 without a checkpoint, a --resume whose config differs) ends with status 2 and one line

@@ -1,4 +1,4 @@
-"""Model and training configuration: one frozen record read from a TOML file (DESIGN §7).
+"""Model and training configuration: one frozen record read from a TOML file (docs/training.md).
 
 A config file has two tables, `[model]` and `[train]`, plus an optional `[rule]` table of the
 preset's own hyperparameters (e.g. `p = 3`, `q = 4` for Moneta):

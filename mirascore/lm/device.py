@@ -27,7 +27,7 @@ def array_module(device):
 
 @contextlib.contextmanager
 def tf32(enabled):
-    """Within the block, float32 matrix products on the GPU may use TF32 tensor cores (DESIGN §5):
+    """Within the block, float32 matrix products on the GPU may use TF32 tensor cores (docs/contract.md §5):
     the math mode of mirascore's own cuBLAS handles (mirascore.gpu.blas, used by the scans and by
     autodiff's matmul on CuPy) and of CuPy's handle (the CUPY_TF32 variable alone does not reach
     batched strided calls). Both modes are restored on exit. enabled=False does nothing."""

@@ -1,4 +1,5 @@
-"""The language model: Llama-style pre-norm blocks around a token mixer (DESIGN §7.1).
+"""The language model: Llama-style pre-norm blocks around a token mixer (docs/training.md,
+"Architecture").
 
     embedding → depth × [x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x))] → RMSNorm → logits
 
@@ -136,7 +137,7 @@ def init_cache(params, cfg, batch, max_len=None):
 
 def decode_step(params, cache, tokens, cfg):
     """One token per sequence: int tokens (B,) -> (logits (B, vocab), new cache). Equal to
-    forward's logits at this position (DESIGN §7.2)."""
+    forward's logits at this position (docs/training.md, "Sampling")."""
     tokens = _tokens("tokens", tokens, cfg, ndim=1)
     mixer = mixers.mixer(cfg)
     x = embed(params["embed.weight"], tokens[:, None])

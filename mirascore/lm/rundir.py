@@ -1,4 +1,4 @@
-"""The files of a run directory (DESIGN §7.3) and how they are read and written.
+"""The files of a run directory (docs/training.md, "Checkpoints") and how they are read and written.
 
     RUN_DIR/config.toml     the resolved config (Config.to_toml)
     RUN_DIR/run.json        what ran: config, parameter count, FLOPs/token, device, data, version

@@ -3,8 +3,8 @@
     text = generate(params, cfg, b"ROMEO:", 200, temperature=0.8, seed=0)   # bytes, prompt excluded
 
 The prompt is fed one byte at a time through `decode_step` (which computes exactly what `forward`
-computes, DESIGN §7.2), then each new byte is drawn from softmax(logits / temperature) by a numpy
-generator seeded with `seed`; temperature 0 takes the argmax (greedy).
+computes), then each new byte is drawn from softmax(logits / temperature) by a numpy generator
+seeded with `seed`; temperature 0 takes the argmax (greedy).
 """
 import numpy as np
 

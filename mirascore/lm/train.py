@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §7.3; docs/training.md, "Training recipe", "Resume", "Metrics").
+"""The training loop (docs/training.md, "Training recipe", "Resume", "Metrics").
 
     result = run(cfg, "runs/moneta-tiny")                  # trains cfg.steps steps, checkpoints, evaluates
     result = run(cfg, "runs/moneta-tiny", resume=True)     # continues from the last checkpoint
