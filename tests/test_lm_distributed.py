@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mirascore.lm import cli, config, distributed, launch, rundir, train
+from test_lm_cli import write_config
 
 
 def tiny(model="moneta", **train_keys):
@@ -308,26 +309,8 @@ def test_stop_kills_what_ignores_sigterm():
 
 # ------------------------------------------------------------------ the command line
 
-TOML = """\
-[model]
-model = "moneta"
-width = 16
-depth = 1
-heads = 2
-chunk = 8
-
-[train]
-steps = 2
-batch = 4
-context = 16
-warmup = 1
-eval_batches = 1
-"""
-
-
 def cli_error(capsys, tmp_path, *flags):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TOML)
+    path = write_config(tmp_path)                    # test_lm_cli's tiny Moneta, batch 4
     status = cli.main(["train", str(path), "--out", str(tmp_path / "run"), *flags])
     out, err = capsys.readouterr()
     assert status == 2 and out == "" and len(err.strip().splitlines()) == 1, err

@@ -9,21 +9,7 @@ import mirascore.autodiff as ad
 from mirascore.lm import config, distributed, evaluate, layers, model, mqar, rundir, tasks, train
 from mirascore.lm.layers import embed, rms_norm
 
-VOCAB = 13
-# Moneta's curved memory needs the smaller difference step (tests/test_lm_model.py, GRAD_EPS)
-GRAD_EPS = {"moneta": 1e-7}
-
-
-def tiny(name, **changes):
-    """A float64-checkable model, as tests/test_lm_model.py's."""
-    fields = {"model": name, "vocab": VOCAB, "width": 12, "depth": 2, "heads": 2, "chunk": 3,
-              "gate_rank": 4, "attention_block": 4}
-    fields.update(changes)
-    return config.from_dict({"model": fields})
-
-
-def tokens(shape, seed=0):
-    return np.random.default_rng(seed).integers(0, VOCAB, shape)
+from test_lm_model import GRAD_EPS, VOCAB, tiny, tokens     # the float64-checkable models
 
 
 def forward_before_dropout(params, toks, cfg):
