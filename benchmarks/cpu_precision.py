@@ -31,6 +31,7 @@ import mirascore as mc  # noqa: E402
 import mirascore.autodiff as ad  # noqa: E402
 import mirascore.chunk.coefficients as coefficients  # noqa: E402
 import mirascore.chunk.delta_rule as delta_rule  # noqa: E402
+import mirascore.testing as mt  # noqa: E402
 
 _matmul = np.matmul
 EMULATE = {"precision": None, "only": None, "sites": None}
@@ -89,22 +90,10 @@ def install():
 
 
 def problem(rule, B, H, T, d, seed=0):
+    """(params, K, V, Q, gates, dY): mirascore.testing.scan_inputs, then a cotangent dY ~ N(0, 1)."""
     rng = np.random.default_rng(seed)
-
-    def normal(*shape):
-        return rng.standard_normal((B, H) + shape)
-
-    def sigmoid(x):
-        return 1 / (1 + np.exp(-x))
-    K, Q = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (normal(T, d), normal(T, d)))
-    exact = isinstance(rule.memory, mc.memory.Linear)
-    gates = dict(lr=(1.0 if exact else 0.1) * sigmoid(normal(T)), alpha=0.9 + 0.1 * sigmoid(normal(T)))
-    if getattr(rule.bias, "needs_delta", False):
-        gates["delta"] = 1 + np.logaddexp(0, normal(T))
-    if rule.algorithm.uses_momentum:
-        gates["beta"] = np.full((B, H, T), 0.9)
-    params = rule.memory.init(seed, batch_shape=(B, H), dtype=np.float64)
-    return params, K, normal(T, d), Q, gates, normal(T, d)
+    x = mt.scan_inputs(rule, (B, H), T, seed, rng=rng)
+    return x["params"], x["K"], x["V"], x["Q"], x["gates"], rng.standard_normal((B, H, T, d))
 
 
 def results(rule, prob, dtype, chunk):

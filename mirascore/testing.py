@@ -19,6 +19,8 @@ Each check computes in float64 and raises AssertionError with a message that nam
 quantity that is wrong and where. The strategies (`arrays`, `batch_shapes`, `memory_params`,
 `tokens`, `lrs`, `alphas`, `betas`, `deltas`) draw finite float64 inputs of small sizes; they need
 hypothesis, which is imported only when one of them is called, so the checks work without it.
+`scan_inputs(rule, batch_shape, T, seed)` draws one seeded set of a whole scan's inputs (no
+hypothesis), as the precision tests and benchmarks use them.
 
 Example (docs/adding-a-rule.md walks through a whole new bias)::
 
@@ -35,11 +37,12 @@ import mirascore.autodiff as ad
 import mirascore.autodiff.numpy as anp
 from mirascore import protocols
 from mirascore._xp import to_numpy
+from mirascore.memory import Linear
 from mirascore.retention import update_from_pieces
 
 __all__ = [
     "arrays", "batch_shapes", "memory_params", "tokens", "lrs", "alphas", "betas", "deltas",
-    "check_bias", "check_memory", "check_retention", "check_vjps", "assert_close",
+    "check_bias", "check_memory", "check_retention", "check_vjps", "assert_close", "scan_inputs",
 ]
 
 
@@ -401,3 +404,32 @@ def betas(shape=None, *, max_value=1.0):
 def deltas(shape=None, *, min_value=0.0, max_value=4.0):
     """Huber thresholds delta > 0 (delta > min_value): a float or an array of `shape`."""
     return _gate(shape, min_value, max_value, exclude_min=True)
+
+
+# --------------------------------------------------------------------------------------------
+# seeded inputs of a whole scan
+
+def scan_inputs(rule, batch_shape, T, seed=0, rng=None):
+    """dict(params, K, V, Q, gates): float64 inputs of `mc.scan` for `rule` (a preset's Rule) over
+    `T` tokens of `batch_shape`: K, Q with unit rows, V ~ N(0, 1); lr = sigmoid (linear memories:
+    the delta rule's β) or 0.1·sigmoid, α = 0.9 + 0.1·sigmoid of N(0, 1), δ = 1 + softplus where the
+    bias takes one, β = 0.9 with momentum; params = rule.memory.init(seed). Drawn in that order from
+    `rng` (default: numpy's default_rng(seed)), so a caller can go on drawing from it."""
+    rng = np.random.default_rng(seed) if rng is None else rng
+    batch = tuple(batch_shape)
+
+    def normal(*shape):
+        return rng.standard_normal(batch + shape)
+
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+    d_in, d_out = rule.memory.d_in, rule.memory.d_out
+    K, Q = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (normal(T, d_in), normal(T, d_in)))
+    exact = isinstance(rule.memory, Linear)
+    gates = dict(lr=(1.0 if exact else 0.1) * sigmoid(normal(T)), alpha=0.9 + 0.1 * sigmoid(normal(T)))
+    if getattr(rule.bias, "needs_delta", False):
+        gates["delta"] = 1 + np.logaddexp(0, normal(T))
+    if rule.algorithm.uses_momentum:
+        gates["beta"] = np.full(batch + (T,), 0.9)
+    params = rule.memory.init(seed, batch_shape=batch, dtype=np.float64)
+    return dict(params=params, K=K, V=normal(T, d_out), Q=Q, gates=gates)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import mirascore as mc
 import mirascore.autodiff as ad
+import mirascore.testing as mt
 from mirascore._xp import to_numpy
 from mirascore.gpu import settings
 
@@ -236,25 +237,8 @@ def test_low_precision_products_inside_cuda_graphs(poisoned, precision):
 # ---------------------------------------------------------------- GPU: mc.scan
 
 def scan_problem(rule, batch, T, seed):
-    """Host float64 inputs as the benchmarks make them: K, Q unit rows, V ~ N(0, 1); lr = sigmoid
-    (the delta rule's β) or 0.1·sigmoid, α = 0.9 + 0.1·sigmoid, δ = 1 + softplus, β = 0.9."""
-    rng = np.random.default_rng(seed)
-
-    def normal(*shape):
-        return rng.standard_normal(batch + shape)
-
-    def sigmoid(x):
-        return 1 / (1 + np.exp(-x))
-    d_in, d_out = rule.memory.d_in, rule.memory.d_out
-    K, Q = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (normal(T, d_in), normal(T, d_in)))
-    exact = isinstance(rule.memory, mc.memory.Linear)
-    gates = dict(lr=(1.0 if exact else 0.1) * sigmoid(normal(T)), alpha=0.9 + 0.1 * sigmoid(normal(T)))
-    if getattr(rule.bias, "needs_delta", False):
-        gates["delta"] = 1 + np.logaddexp(0, normal(T))
-    if rule.algorithm.uses_momentum:
-        gates["beta"] = np.full(batch + (T,), 0.9)
-    params = rule.memory.init(seed, batch_shape=batch, dtype=np.float64)
-    return dict(params=params, K=K, V=normal(T, d_out), Q=Q, gates=gates, seed=seed)
+    """Host float64 inputs as the benchmarks make them (mirascore.testing.scan_inputs), and their seed."""
+    return dict(mt.scan_inputs(rule, batch, T, seed), seed=seed)
 
 
 def scan_results(xp, rule, prob, dtype, chunk, precision=None, backend="auto"):

@@ -265,3 +265,24 @@ def test_presets_are_the_rows_of_table_1():
     assert P.gated_deltanet(4, 3) == mc.Rule(lin, b.l2(), r.l2(grad_at="retained"), a.gd())
     assert P.retnet(4, 3) == mc.Rule(lin, b.dot(), r.l2(), a.gd())
     assert P.longhorn(4, 3) == mc.Rule(lin, b.l2(), r.none(), a.implicit())
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "moneta", "yaad", "titans"])
+def test_scan_inputs_fit_the_preset_and_repeat_by_seed(name):
+    """mt.scan_inputs: shapes and gates a preset's scan takes, unit-norm keys and queries, gates in
+    range, the same arrays for the same seed, and a caller's generator continues after them."""
+    rule = getattr(mc.presets, name)(4)
+    x = mt.scan_inputs(rule, (2, 3), 7, seed=1)
+    assert x["K"].shape == x["Q"].shape == x["V"].shape == (2, 3, 7, 4)
+    np.testing.assert_allclose(np.linalg.norm(x["K"], axis=-1), 1.0)
+    assert set(x["gates"]) == {"lr", "alpha"} | ({"delta"} if name == "yaad" else set()) \
+        | ({"beta"} if name == "titans" else set())
+    assert all(g.shape == (2, 3, 7) for g in x["gates"].values())
+    assert np.all((0.9 < x["gates"]["alpha"]) & (x["gates"]["alpha"] < 1.0))
+    mc.scan(mc.init(rule.memory, x["params"], retention=rule.retention, algorithm=rule.algorithm),
+            x["K"], x["V"], x["Q"], bias=rule.bias, chunk=4, **x["gates"])
+    again = mt.scan_inputs(rule, (2, 3), 7, seed=1)
+    assert all(np.array_equal(x[k], again[k]) for k in ("K", "V", "Q"))
+    rng = np.random.default_rng(1)
+    mt.scan_inputs(rule, (2, 3), 7, seed=1, rng=rng)
+    assert rng.standard_normal() != np.random.default_rng(1).standard_normal()
