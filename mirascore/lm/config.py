@@ -261,7 +261,7 @@ def _check_model(cfg):
             raise ValueError(f"[rule] key {key!r} is not a hyperparameter of preset {cfg.model!r} "
                              f"(it takes {', '.join(k for k in accepted if k != 'd_v') or 'none'})")
     rule = cfg.preset()   # the preset validates its own values (ValueError naming them)
-    if rule.memory.name == "mlp" and cfg.head_dim < 3:
+    if isinstance(rule.memory, mc.memory.MLP) and cfg.head_dim < 3:
         raise ValueError(f"an mlp memory needs head_dim = width/heads ≥ 3, got {cfg.head_dim}")
 
 

@@ -28,25 +28,25 @@ def array_module(device):
 @contextlib.contextmanager
 def tf32(enabled):
     """Within the block, float32 matrix products on the GPU may use TF32 tensor cores (docs/contract.md §5):
-    the math mode of mirascore's own cuBLAS handles (mirascore.gpu.blas, used by the scans and by
-    autodiff's matmul on CuPy) and of CuPy's handle (the CUPY_TF32 variable alone does not reach
-    batched strided calls). Both modes are restored on exit. enabled=False does nothing."""
+    mirascore's GEMM precision setting (mirascore.gpu.settings, used by the scans and by autodiff's
+    matmul on CuPy) and the math mode of CuPy's handle (the CUPY_TF32 variable alone does not reach
+    batched strided calls). Both are restored on exit, the setting whole (a bf16 setting stays bf16).
+    enabled=False does nothing."""
     if not enabled:
         yield
         return
     import cupy
     from cupy_backends.cuda.libs import cublas
 
-    from mirascore.gpu import blas
+    from mirascore.gpu import settings
     handle = cupy.cuda.device.get_cublas_handle()
     cupy_mode = cublas.getMathMode(handle)
-    previous = blas.set_tf32(True)
-    cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
-    try:
-        yield
-    finally:
-        blas.set_tf32(previous)
-        cublas.setMathMode(handle, cupy_mode)
+    with settings.using(precision="tf32"):
+        cublas.setMathMode(handle, getattr(cublas, "CUBLAS_TF32_TENSOR_OP_MATH", 3))
+        try:
+            yield
+        finally:
+            cublas.setMathMode(handle, cupy_mode)
 
 
 def describe(xp):

@@ -181,7 +181,7 @@ def _initial_memory(rule, index):
         if rule.retention.name in ("kl", "sigmoid"):
             return rng.standard_normal(shape)
         W = rule.memory.init(rng, batch_shape=shape[:1], dtype=np.float64)[index]
-        if rule.memory.name == "mlp" and index == 1:
+        if isinstance(rule.memory, mc.memory.MLP) and index == 1:
             W = W * math.sqrt(rule.memory.d_in)
         return stored_from_weights(rule.retention, W)
     return init
@@ -204,7 +204,7 @@ class Miras:
         out["gates.up.weight"] = projection(cfg, cfg.gate_rank, len(gates) * H)
         out["gates.bias"] = Param((len(gates) * H,), constant(np.concatenate(
             [_GATE_BIAS[g](H, cfg.head_dim) for g in gates])), False)
-        if rule.memory.name != "linear":          # a linear memory starts empty, as in FLA
+        if not isinstance(rule.memory, mc.memory.Linear):   # a linear memory starts empty, as in FLA
             for i, shape in enumerate(rule.memory.param_shapes()):
                 out[f"memory.{i}"] = Param((H,) + shape, _initial_memory(rule, i), False)
         out["out_norm.gain"] = Param((cfg.head_dim,), constant(1.0), False)
@@ -233,7 +233,7 @@ class Miras:
     @staticmethod
     def _initial_state(p, cfg, xp, dtype):
         rule = cfg.preset()
-        if rule.memory.name == "linear":
+        if isinstance(rule.memory, mc.memory.Linear):
             params = tuple(xp.zeros((cfg.heads,) + s, dtype) for s in rule.memory.param_shapes())
         else:
             params = tuple(p[f"memory.{i}"] for i in range(len(rule.memory.param_shapes())))
