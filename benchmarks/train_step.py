@@ -144,7 +144,8 @@ def config(name, size, args):
         value = getattr(args, key).get(size, getattr(args, key).get(None))
         if value is not None:
             overrides[key] = value
-    return lm.load_config(os.path.join(ROOT, "models", f"{name}-{size}.toml"), **overrides)
+    cfg = lm.config.with_overrides(lm.load_config(os.path.join(ROOT, "models", f"{name}-{size}.toml")), args.set)
+    return lm.config.replace(cfg, **overrides)
 
 
 def initial_params(cfg, size):
@@ -340,6 +341,8 @@ def main():
     ap.add_argument("--context", default=None, help="N or SIZE=N,...: override the configs' context")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5 cpu, 10 gpu)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 cpu, 2 gpu)")
+    ap.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override a config key of every row, as `mirascore train --set` does")
     ap.add_argument("--tf32", action="store_true", help="GPU: also TF32 rows (ours and torch)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     ap.add_argument("--time-limit", type=float, default=None,

@@ -175,6 +175,21 @@ def test_eval_bpb_on_a_data_folder_split(trained, tmp_path, capsys):
     assert report["bytes"] == 199 and "test" in report["data"]
 
 
+def test_eval_bpb_of_a_whole_file_and_split_errors(trained, tmp_path, capsys):
+    """A single file: --split validation is its last 10 % (as training splits it), --split all
+    every byte; a folder has no "all", a file no "test": one-line errors, not a silent default."""
+    text = tmp_path / "wiki.raw"
+    text.write_bytes(b"w" * 1000)
+    whole = json.loads(run_cli(capsys, "eval", trained, "--task", "bpb", "--data", text, "--split", "all", "--json")[1])
+    assert whole["bytes"] == 999 and "all of it" in whole["data"]
+    tail = json.loads(run_cli(capsys, "eval", trained, "--task", "bpb", "--data", text, "--json")[1])
+    assert tail["bytes"] == 99
+    status, _, err = run_cli(capsys, "eval", trained, "--task", "bpb", "--data", text, "--split", "test")
+    assert status != 0 and "--split test" in err and len(err.strip().splitlines()) == 1
+    status, _, err = run_cli(capsys, "eval", trained, "--task", "bpb", "--data", tmp_path, "--split", "all")
+    assert status != 0 and "--split all" in err and len(err.strip().splitlines()) == 1
+
+
 def test_plot_writes_a_png_of_several_runs(trained, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "plot", trained, trained, "--out", tmp_path / "both.png")
     assert status == 0 and out.strip().endswith("both.png")

@@ -11,7 +11,8 @@ from mirascore.lm import data
 TEXT = bytes(range(256)) * 40          # 10,240 bytes
 
 
-@pytest.mark.parametrize("suffix, pack", [(".txt", bytes), (".txt.gz", gzip.compress), (".txt.xz", lzma.compress)])
+@pytest.mark.parametrize("suffix, pack", [(".txt", bytes), (".raw", bytes), (".txt.gz", gzip.compress),
+                                          (".txt.xz", lzma.compress)])
 def test_a_file_of_any_suffix_is_split_90_10_by_bytes(tmp_path, suffix, pack):
     path = tmp_path / f"corpus{suffix}"
     path.write_bytes(pack(TEXT))

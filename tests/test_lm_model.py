@@ -96,6 +96,34 @@ def test_decode_equals_forward(name, T, chunk):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@settings(max_examples=4)
+@given(T=st.integers(1, 11), more=st.integers(1, 5), chunk=st.sampled_from([1, 2, 4]))
+def test_prefill_equals_forward_and_decoding_continues(name, T, more, chunk):
+    """prefill's logits are forward's; decoding on from its cache gives forward's logits after it,
+    whether the prompt ends inside a chunk or on its boundary."""
+    cfg = tiny(name, chunk=chunk)
+    params = model.init(cfg, seed=5, dtype=np.float64)
+    toks = tokens((2, T + more), T)
+    full = model.forward(params, toks, cfg)
+    logits, cache = model.prefill(params, toks[:, :T], cfg, max_len=T + more)
+    assert cache.position == T
+    steps = [logits]
+    for t in range(T, T + more):
+        step_logits, cache = model.decode_step(params, cache, toks[:, t], cfg)
+        steps.append(step_logits[:, None])
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= 1e-9 * np.abs(full).max()
+
+
+def test_prefill_errors():
+    cfg = tiny("transformer")
+    params = model.init(cfg, seed=0, dtype=np.float64)
+    with pytest.raises(ValueError, match="max_len = 4"):
+        model.prefill(params, tokens((1, 5)), cfg, max_len=4)
+    with pytest.raises(ValueError, match="shape"):
+        model.prefill(params, tokens((5,)), cfg)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_causal_and_prefix_consistent(name):
     """Changing tokens after t leaves logits ≤ t unchanged; so does cutting the sequence at t."""
     cfg = tiny(name)
@@ -191,6 +219,8 @@ def test_gpu_equals_cpu(name):
         np.testing.assert_allclose(gpu_grads[n].get(), grads[n], rtol=1e-7, atol=1e-10)
     stepped = decode_all(gpu_params, cupy.asarray(toks), cfg)
     np.testing.assert_allclose(stepped.get(), model.forward(params, toks, cfg), rtol=1e-9, atol=1e-9)
+    prefilled, _ = model.prefill(gpu_params, cupy.asarray(toks), cfg)
+    np.testing.assert_allclose(prefilled.get(), model.forward(params, toks, cfg), rtol=1e-9, atol=1e-9)
 
 
 def test_alpha_floor_bounds_the_retention_gate():

@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--device", choices=device.DEVICES, help="where to train (default cpu; gpu with --gpus)")
     p.add_argument("--gpus", type=_positive_int, metavar="N", help="data-parallel over N GPUs, one process "
                    "each (NCCL); each trains on batch / N sequences of every step")
-    p.add_argument("--data", metavar="PATH", help="a .txt/.txt.gz/.txt.xz file or a folder with train and "
+    p.add_argument("--data", metavar="PATH", help="a .txt/.raw/.txt.gz/.txt.xz file or a folder with train and "
                                                   "validation files (default: the embedded Tiny Shakespeare)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (0: at the end only)")
@@ -84,8 +84,9 @@ def build_parser():
     p.add_argument("--task", required=True, choices=("bpb", "niah", "lambada", "mqar"))
     p.add_argument("--data", metavar="PATH", help="bpb: a text file or data folder (default: the run's "
                    "validation data); lambada: lambada_test.jsonl or its folder; niah: a ruler_niah folder")
-    p.add_argument("--split", choices=("validation", "test"), default="validation",
-                   help="bpb on a data folder: which file (default validation)")
+    p.add_argument("--split", choices=("validation", "test", "all"), default="validation",
+                   help="bpb: a data folder's validation or test file; a single file's last 10 %% "
+                        "(validation, as training splits it) or all of it (default validation)")
     p.add_argument("--max-bytes", type=_positive_int, metavar="N", help="bpb: only the first N bytes")
     p.add_argument("--lengths", type=_lengths, default=DEFAULT_LENGTHS, metavar="L1,L2,...",
                    help="niah: prompt + answer lengths in bytes (default 1024,2048,4096)")
@@ -168,8 +169,17 @@ def _bpb_text(args, run_info):
         return corpus.validation, f"{corpus.source}, validation: {corpus.split}"
     path = Path(args.data)
     if path.is_dir():
+        if args.split == "all":
+            raise ValueError(f"--split all reads a single file; --data {str(path)!r} is a folder "
+                             f"(choose its validation or test file)")
         file = data.split_file(path, args.split)
         return data.read_array(file), f"{file.resolve()} (its {args.split} file)"
+    if args.split == "test":
+        raise ValueError(f"--split test reads a data folder's test file; --data {str(path)!r} is a "
+                         f"single file (--split all evaluates all of it)")
+    if args.split == "all":
+        data.load_corpus(path)                    # the same checks of the path and its suffix
+        return data.read_array(path), f"{path.resolve()} (all of it)"
     corpus = data.load_corpus(path)
     return corpus.validation, f"{corpus.source}, validation: {corpus.split}"
 

@@ -20,7 +20,7 @@ import numpy as np
 
 EMBEDDED = "tinyshakespeare"
 EMBEDDED_SOURCE = f"{EMBEDDED} (embedded)"
-SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
+SUFFIXES = (".txt", ".txt.gz", ".txt.xz", ".raw")      # .raw: WikiText's plain-text files
 TRAIN_FRACTION = 0.9
 _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1     # keep the two seed sequences apart
 
@@ -34,7 +34,7 @@ class Corpus(NamedTuple):
 
 
 def read_bytes(path):
-    """The bytes of a .txt, .txt.gz or .txt.xz file."""
+    """The bytes of a .txt (or .raw), .txt.gz or .txt.xz file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")

@@ -145,7 +145,7 @@ def score_prediction(prediction, references):
 
 def niah(params, cfg, assets, lengths, samples, tasks=niah_tasks.TASKS, progress=None):
     """RULER S-NIAH scores (0–100) per task and length: {task: {length: score}}. Each sample's prompt
-    is fed through decode_step and 128 bytes are decoded greedily (niah.py: the byte-level rules)."""
+    goes through prefill and 128 bytes are decoded greedily (niah.py: the byte-level rules)."""
     scores = {}
     for task in tasks:
         scores[task] = {}

@@ -86,6 +86,16 @@ class Attention:
         return KVCache(xp.zeros(shape, dtype), xp.zeros(shape, dtype), 0)
 
     @staticmethod
+    def prefill(p, x, cfg, max_len):
+        """forward's output for a whole prompt x (B, T, C), and the cache after it (T ≤ max_len)."""
+        xp, T = _xp_of(x), x.shape[1]
+        q, k, v = Attention._qkv(p, x, cfg, xp.arange(T))
+        y = attention.causal_attention(q, k, v, block=cfg.attention_block)
+        cache = Attention.init_cache(p, cfg, x.shape[0], xp, max_len)
+        cache.keys[:, :, :T], cache.values[:, :, :T] = k, v
+        return anp.matmul(merge_heads(y), p["out.weight"]), cache._replace(length=T)
+
+    @staticmethod
     def step(p, x, cache, cfg):
         xp, t = _xp_of(x), cache.length
         if t >= cache.keys.shape[2]:
@@ -282,6 +292,28 @@ class Miras:
         for name in gate_names(cfg.preset()):
             chunk[name] = xp.full((batch, H, b), _NEUTRAL_GATE[name], dtype)
         return chunk
+
+    @staticmethod
+    def prefill(p, x, cfg, max_len=None):
+        """forward's output for a whole prompt x (B, T, C), and the cache that `step` continues
+        from: the whole chunks in one scan give the anchor state; the last partial chunk is
+        scanned from it as `step` would, its tokens kept for the next steps."""
+        tokens, gates, history = Miras._inputs(p, x, cfg)
+        xp, dtype, T = _xp_of(x), _dtype_of(x), x.shape[1]
+        full, filled = T - T % cfg.chunk, T % cfg.chunk
+        anchor, outputs = Miras._initial_state(p, cfg, xp, dtype), []
+        if full:
+            Y, anchor = Miras._scan(anchor, {n: a[:, :, :full] for n, a in tokens.items()},
+                                    {n: g[:, :, :full] for n, g in gates.items()}, cfg)
+            outputs.append(Y)
+        chunk = Miras._empty_chunk(cfg, x.shape[0], xp, dtype)
+        if filled:
+            for name, a in {**tokens, **gates}.items():
+                chunk[name][:, :, :filled] = a[:, :, full:]
+            Y, _ = Miras._scan(anchor, chunk, {n: chunk[n] for n in gates}, cfg)
+            outputs.append(Y[:, :, :filled])
+        Y = outputs[0] if len(outputs) == 1 else xp.concatenate(outputs, axis=2)
+        return Miras._output(p, Y, x, cfg), MemoryCache(history, anchor, chunk, filled)
 
     @staticmethod
     def step(p, x, cache, cfg):

@@ -135,6 +135,29 @@ def init_cache(params, cfg, batch, max_len=None):
     return Cache(layers, 0)
 
 
+def prefill(params, tokens, cfg, max_len=None):
+    """A whole prompt at once: int tokens (B, T) -> (logits (B, T, vocab), the cache after them),
+    the logits equal to forward's and the cache to that of T decode_steps, at the cost of one
+    forward pass. max_len: as init_cache's (default cfg.context), at least T."""
+    tokens = _tokens("tokens", tokens, cfg, ndim=2)
+    T = tokens.shape[1]
+    max_len = cfg.context if max_len is None else max_len
+    if not 1 <= T <= max_len:
+        raise ValueError(f"prefill needs 1 to max_len = {max_len} tokens per sequence, got shape "
+                         f"{tuple(tokens.shape)}")
+    mixer = mixers.mixer(cfg)
+    x = embed(params["embed.weight"], tokens)
+    layers = []
+    for i in range(cfg.depth):
+        block = _block(params, i)
+        y, layer_cache = mixer.prefill(_sub(block, "mixer."), rms_norm(x, block["mixer_norm.gain"], cfg.norm_eps),
+                                       cfg, max_len)
+        layers.append(layer_cache)
+        x = x + y
+        x = x + _ffn(block, x, cfg)
+    return _logits(params, x, cfg), Cache(tuple(layers), T)
+
+
 def decode_step(params, cache, tokens, cfg):
     """One token per sequence: int tokens (B,) -> (logits (B, vocab), new cache). Equal to
     forward's logits at this position (docs/training.md, "Sampling")."""

@@ -2,9 +2,10 @@
 
     text = generate(params, cfg, b"ROMEO:", 200, temperature=0.8, seed=0)   # bytes, prompt excluded
 
-The prompt is fed one byte at a time through `decode_step` (which computes exactly what `forward`
-computes), then each new byte is drawn from softmax(logits / temperature) by a numpy generator
-seeded with `seed`; temperature 0 takes the argmax (greedy).
+The prompt goes through `prefill` (one forward pass that also builds the decoding cache), each new
+byte through `decode_step`; both compute what `forward` computes. Each byte is drawn from
+softmax(logits / temperature) by a numpy generator seeded with `seed`; temperature 0 takes the
+argmax (greedy).
 """
 import numpy as np
 
@@ -34,10 +35,9 @@ def generate(params, cfg, prompt, n_bytes, temperature=DEFAULT_TEMPERATURE, seed
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     xp = namespace(*params.values())
     rng = np.random.default_rng(seed)
-    cache = model.init_cache(params, cfg, batch=1, max_len=len(prompt) + n_bytes)
-    out, logits = [], None
-    for byte in prompt:
-        logits, cache = model.decode_step(params, cache, xp.asarray([byte], dtype=np.int32), cfg)
+    logits, cache = model.prefill(params, xp.asarray(np.frombuffer(prompt, np.uint8)[None].astype(np.int32)),
+                                  cfg, max_len=len(prompt) + n_bytes)
+    logits, out = logits[:, -1], []
     for i in range(n_bytes):
         out.append(pick(to_numpy(logits[0]), temperature, rng))
         if i + 1 < n_bytes:
