@@ -8,7 +8,8 @@ per dtype (float32: fp32 arithmetic and accumulation; float64 for tests):
 - `state_scan(A, P, Qm, decay, X0, H, sign_a, sign_b, reverse)`: the sequential
   chunk-to-chunk loop of the forward (states, pseudo-values U) and backward (dS, dR) passes, fused
   into one launch; each thread block keeps a BV × d_k tile of the state in shared memory for the whole
-  sequence (register-tiled, Qm staged through shared memory). Same contract as
+  sequence (register-tiled, P and Qm streamed through a ring of shared buffers by cp.async; dynamic
+  shared memory, `_state_scan_smem` bytes). Same contract as
   `mirascore.chunk.delta_rule.state_scan` (the batched-matmul version).
 
 Elementwise glue, fused so that each runs as one pass over memory (CuPy ElementwiseKernel /
@@ -33,7 +34,18 @@ _BV = {np.dtype(np.float32): 32, np.dtype(np.float64): 16}
 # run it in 2.5 ms instead of 3.9 at B·H = 128, 64 chunks of 64, d = 128 (H200, float32)
 _MIN_BLOCKS = {np.dtype(np.float32): 2, np.dtype(np.float64): 1}
 _REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_KT = 32            # columns of P per slice (KT in the .cu)
+_STAGES = 3         # state_scan's ring of slice buffers (STAGES in the .cu)
 _modules = {}
+_smem_allowed = set()   # (dtype, device) where state_scan may take over 48 KB of shared memory
+
+
+def _state_scan_smem(dtype):
+    """state_scan's dynamic shared memory, SMEM_BYTES in the .cu: the X tile, O, STAGES slices."""
+    size = np.dtype(dtype).itemsize
+    vw = 16 // size                                   # REALs per 16 bytes: the rows' padding
+    bv = _BV[np.dtype(dtype)]
+    return size * (bv * (_MAX_K + vw) + _MAX_C * bv + _STAGES * _MAX_C * (_KT + vw))
 
 
 def _empty(shape, dtype):
@@ -53,7 +65,7 @@ def _function(name, dtype):
         with open(_SOURCE_PATH) as f:
             code = f.read()
         mod = cupy.RawModule(code=code, options=(f"-DREAL={_REAL[dtype]}", f"-DBV={_BV[dtype]}",
-                                                 f"-DMIN_BLOCKS={_MIN_BLOCKS[dtype]}"))
+                                                 f"-DMIN_BLOCKS={_MIN_BLOCKS[dtype]}", f"-DSTAGES={_STAGES}"))
         _modules[dtype] = mod
     return mod.get_function(name)
 
@@ -82,10 +94,15 @@ def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=Fal
     Xout = _empty((Bn, dv, dk), dt)
     bv = _BV[np.dtype(dt)]
     grid = (Bn, -(-dv // bv))
-    _function("state_scan", dt)(
+    kernel, smem = _function("state_scan", dt), _state_scan_smem(dt)
+    if (dt, cupy.cuda.Device().id) not in _smem_allowed:   # a function attribute, per device
+        kernel.max_dynamic_shared_size_bytes = smem           # (float32: 52 KB, two blocks per SM)
+        _smem_allowed.add((dt, cupy.cuda.Device().id))
+    kernel(
         grid, (_NT,),
         (A, P, Qm, decay, X0, Hc, Xs, O, Xout, np.int32(N), np.int32(C), np.int32(dv), np.int32(dk),
-         real(sign_a), real(sign_b), np.int32(H is not None), np.int32(bool(reverse))))
+         real(sign_a), real(sign_b), np.int32(H is not None), np.int32(bool(reverse))),
+        shared_mem=smem)
     return Xs, O, Xout
 
 
