@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (B, T, H, d): head dims 48, 64, 128; T 256 to 8192; batch × heads 8 to 256. The 20m models are
 # width 512 in 8 heads of 64 at context 2048 (batch 8 and 16).
-SHAPES = [(8, 2048, 8, 64), (16, 2048, 8, 64), (32, 256, 8, 64), (1, 8192, 8, 128), (4, 1024, 4, 48),
+SHAPES = [(8, 2048, 8, 64), (4, 1024, 4, 48), (32, 256, 8, 64), (1, 8192, 8, 128), (16, 2048, 8, 64),
           (8, 4096, 16, 128)]
 
 
