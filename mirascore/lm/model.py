@@ -18,6 +18,7 @@ import numpy as np
 
 import mirascore.autodiff.numpy as anp
 from mirascore._xp import namespace
+from mirascore.autodiff.tracer import unbox
 
 from . import mixers
 from .layers import cross_entropy, dropout, dropout_rng, embed, rms_norm, swiglu
@@ -106,7 +107,7 @@ def _dropout_rng(params, cfg, dropout_seed):
     per pass, not one per mask: a CuPy generator's setup initialises a state per GPU thread."""
     if dropout_seed is None or not cfg.dropout:
         return None
-    return dropout_rng(namespace(params["embed.weight"]), dropout_seed)
+    return dropout_rng(namespace(unbox(params["embed.weight"])), dropout_seed)   # (a Box under autodiff)
 
 
 def loss(params, tokens, cfg, dropout_seed=None):
