@@ -7,7 +7,7 @@
 #   bash benchmarks/pg19_runs.sh DATA RUNS [MODEL ...]      # default: the five models below
 #
 # DATA holds pg19-mini/, wikitext/, ruler_niah/ and lambada_openai/ (laid out as ../shared/data).
-# Environment (defaults): STEPS (300), BATCH (8), SEED (0), SIZE (20m), LR (the config's),
+# Environment (defaults): STEPS (1200), BATCH (8), SEED (0), SIZE (20m), LR (the config's),
 # EVAL_BYTES (1000000: the first bytes of pg19-mini's validation and test splits),
 # LAMBADA (1000 examples), NIAH_SAMPLES (3 per task and length), ATTENTION_BLOCK (512),
 # STOP_AT (a Unix time: no job starts after it; default never), DEVICE (gpu).
@@ -18,7 +18,7 @@ RUNS=${2:?usage: pg19_runs.sh DATA RUNS [MODEL ...]}
 shift 2
 MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(gated_deltanet moneta yaad memora transformer)
-STEPS=${STEPS:-300} BATCH=${BATCH:-8} SEED=${SEED:-0} SIZE=${SIZE:-20m}
+STEPS=${STEPS:-1200} BATCH=${BATCH:-8} SEED=${SEED:-0} SIZE=${SIZE:-20m}
 EVAL_BYTES=${EVAL_BYTES:-1000000} LAMBADA=${LAMBADA:-1000} NIAH_SAMPLES=${NIAH_SAMPLES:-3}
 STOP_AT=${STOP_AT:-9999999999} DEVICE=${DEVICE:-gpu}
 PY=${PYTHON:-python3}
