@@ -16,6 +16,9 @@ anchored chunked form (scan, ref.scan_chunked; docs/contract.md §4)
   prox(s)                   -> the map applied once per chunk end (elastic net's S_γ)
   read_scale(s_anchor)      -> ν: in-chunk reads see ν·s_t (a number, or (..., 1, 1) from the
                                anchor); None: they read the anchor's weights expose(s_anchor)
+optional
+  stored(W)                 -> s with expose(s) = W, where expose is onto (not kl, sigmoid: their
+                               W are positive); mirascore.lm parametrises learned memories by it
 and their VJPs, hand-derived here (`expose_vjp(s, W, dW)`, `canonical_vjp(s, ds)`,
 `prox_vjp(s, ds)`, `read_scale_vjp(s_anchor, dnu)`, and `anchor_vjp(s, W, dW, dnu)`, the sum of the
 first and the last at the chunk's anchor); a gate of one's own may leave them to autodiff.
@@ -77,7 +80,7 @@ class NoRetention(NamedTuple):
     """No retention: W ← W + U (α must be 1). Objective ⟨W, G⟩ + (1/(2lr))‖W − W'‖²."""
     name: str
     uses_alpha = False
-    expose = canonical = prox = _identity
+    expose = canonical = prox = stored = _identity
     expose_vjp = canonical_vjp = prox_vjp = _identity_vjp
     gradient_scale = _at_weights
     read_scale = _no_scale
@@ -98,7 +101,7 @@ class L2(NamedTuple):
     """
     name: str
     grad_at: str
-    expose = canonical = prox = _identity
+    expose = canonical = prox = stored = _identity
     expose_vjp = canonical_vjp = prox_vjp = _identity_vjp
     read_scale = _no_scale
     update = update_from_pieces
@@ -157,6 +160,16 @@ class Lq(NamedTuple):
 
     def expose(self, s):
         return s * self.read_scale(s)
+
+    def stored(self, W):
+        """A with expose(A) = W (for ‖A‖_q > eps): ‖W‖_q = ‖A‖_q^(3−q), so A = W·‖W‖_q^((q−2)/(3−q)).
+        q = 3 exposes only matrices of unit ℓ3 norm (W/‖W‖₃): W itself is returned."""
+        if self.q == 3:
+            return W
+        # |W|**q as a float power, not lq_power_sum's products: the 1e-16 difference would move
+        # the learned initial memories, and Adam turns rounding-level gradients into ±lr steps
+        norm = anp.sum(anp.abs(W) ** self.q, axis=_MATRIX, keepdims=True) ** (1.0 / self.q)
+        return W * norm ** ((self.q - 2.0) / (3.0 - self.q))
 
     def _scale_vjp(self, A, n, dnu, nu=None, dW=None):
         """dA of ν(A) for dν; with nu and dW, plus the VJP of A ↦ ν·A at fixed ν. The ν part is
@@ -233,7 +246,7 @@ class ElasticNet(NamedTuple):
     name: str
     gamma: float
     objective_is_smooth = False     # an l1 term: mirascore.testing checks it by subgradients
-    expose = canonical = _identity
+    expose = canonical = stored = _identity
     expose_vjp = canonical_vjp = _identity_vjp
     gradient_scale = _at_weights
     read_scale = _no_scale

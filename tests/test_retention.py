@@ -32,6 +32,22 @@ def test_update_minimises_the_objective(retention, data):
     mt.check_retention(retention, s_prev, G, lr, alpha)
 
 
+@pytest.mark.parametrize("retention", S.retentions(), ids=S.ids)
+@given(data=st.data())
+def test_stored_inverts_expose_where_the_gate_has_it(retention, data):
+    """stored(W) is an s with expose(s) = W (lq: for every q ≠ 3); kl and sigmoid have none
+    (their exposed weights are positive), and mirascore.lm draws their logits instead."""
+    if not hasattr(retention, "stored"):
+        assert retention.name in ("kl", "sigmoid")
+        return
+    W = data.draw(mt.arrays(data.draw(SHAPES)))
+    if retention.name == "lq":
+        W = np.where(np.abs(W) < 0.1, 0.1, W)                    # ‖A‖_q above the gate's eps
+        if retention.q == 3:                                       # only unit-norm matrices are exposed
+            W = W / np.sum(np.abs(W) ** 3, axis=(-2, -1), keepdims=True) ** (1 / 3)
+    np.testing.assert_allclose(retention.expose(retention.stored(W)), W, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 5.0])
 @given(data=st.data())
 def test_elastic_net_meets_the_subgradient_conditions(gamma, data):

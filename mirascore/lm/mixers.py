@@ -170,30 +170,23 @@ def _squash(name, g, cfg):
     return anp.sigmoid(g)
 
 
-def stored_from_weights(retention, W):
-    """The stored quantity s whose exposed weights are W (for the learned initial memory), where
-    the gate has an inverse: lq A = W·‖W‖_q^((q−2)/(3−q)) (q ≠ 3); otherwise W itself."""
-    if retention.name == "lq" and retention.q != 3:
-        norm = np.sum(np.abs(W) ** retention.q, axis=(-2, -1), keepdims=True) ** (1.0 / retention.q)
-        return W * norm ** ((retention.q - 2.0) / (3.0 - retention.q))
-    return W
-
-
 def _initial_memory(rule, index):
     """Initialiser of the learned initial memory (stored quantity) of parameter `index`, per head:
-    the memory's own random start mapped through the gate's inverse; for kl and sigmoid, whose
-    stored quantities are logits, N(0, 1) logits (rows of scale·softmax then vary).
+    the memory's own random start mapped through the gate's inverse `stored`; for gates without
+    one (kl and sigmoid, whose stored quantities are logits), N(0, 1) (rows of scale·softmax vary).
     The memory's own start is drawn for inputs of unit-variance coordinates, but the layer feeds
     it ℓ2-normalised keys (coordinates of size 1/√d): the matrix applied to the key (the mlp's W2)
     is scaled by √d, so that its pre-activations have unit scale as intended. Smaller ones put
     the memory's LN near its eps, where the inner loss's curvature (∝ 1/var) is large."""
+    stored = getattr(rule.retention, "stored", None)
+
     def init(rng, shape):
-        if rule.retention.name in ("kl", "sigmoid"):
+        if stored is None:
             return rng.standard_normal(shape)
         W = rule.memory.init(rng, batch_shape=shape[:1], dtype=np.float64)[index]
         if isinstance(rule.memory, mc.memory.MLP) and index == 1:
             W = W * math.sqrt(rule.memory.d_in)
-        return stored_from_weights(rule.retention, W)
+        return stored(W)
     return init
 
 
