@@ -9,7 +9,7 @@
 # DATA holds pg19-mini/, wikitext/, ruler_niah/ and lambada_openai/ (laid out as ../shared/data).
 # Environment (defaults): STEPS (1200), BATCH (8), SEED (0), SIZE (20m), LR (the config's),
 # EVAL_BYTES (1000000: the first bytes of pg19-mini's validation and test splits),
-# LAMBADA (1000 examples), NIAH_SAMPLES (3 per task and length), ATTENTION_BLOCK (512),
+# LAMBADA (1000 examples), NIAH_SAMPLES (3 per task and length),
 # STOP_AT (a Unix time: no job starts after it; default never), DEVICE (gpu).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,7 +52,6 @@ for model in "${MODELS[@]}"; do
     elif [ -e "$run" ]; then rm -rf "$run"; fi      # stopped before its first checkpoint: nothing to keep
     sets=(batch="$BATCH" warmup=$((STEPS / 10)) eval_every=100 eval_batches=8 checkpoint_every=50 log_every=10
           tf32=true)       # (tf32 is ignored on the CPU)
-    [ "$model" = transformer ] && sets+=(attention_block="${ATTENTION_BLOCK:-512}")
     [ -n "${LR:-}" ] && sets+=(lr="$LR")
     echo "== $(date +%T) $model: train ${resume[*]}"
     "${MS[@]}" train "models/$model-$SIZE.toml" --device "$DEVICE" --data "$DATA/pg19-mini" --out "$run" \
