@@ -170,8 +170,8 @@ def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=F
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    if comm is not None:
-        distributed.check_world(cfg, comm.size)
+    comm = distributed.Solo() if comm is None else comm
+    distributed.check_world(cfg, comm.size)
     checkpoint.require_safetensors()          # missing extras fail before the run directory exists
     if output == "bar":
         import tqdm.auto  # noqa: F401
@@ -183,7 +183,7 @@ def run(cfg, out_dir, *, data_path=None, steps=None, device_name="cpu", resume=F
 def _start(cfg, run_dir, corpus, xp, resume, comm):
     """(params, opt, step, elapsed_s, window): a fresh run's, or those of its last checkpoint.
     Every rank draws the same initialisation or reads the same checkpoint; rank 0 alone writes."""
-    writer = comm is None or comm.rank == 0
+    writer = comm.rank == 0
     if not resume:
         if writer:
             rundir.create(run_dir, cfg, _run_info(cfg, corpus, xp))
@@ -192,8 +192,7 @@ def _start(cfg, run_dir, corpus, xp, resume, comm):
     if writer:
         _check_resumable(run_dir, cfg, corpus)
         checkpoint.recover(run_dir)
-    if comm is not None:
-        comm.barrier()                # the others read the checkpoint once rank 0 has recovered it
+    comm.barrier()                    # the others read the checkpoint once rank 0 has recovered it
     params, opt, state = checkpoint.load(run_dir, xp)
     if state["config_hash"] != config_hash(cfg):
         raise ValueError(f"--resume: the checkpoint in {str(run_dir)!r} belongs to another config")
@@ -203,13 +202,11 @@ def _start(cfg, run_dir, corpus, xp, resume, comm):
     return params, opt, state["step"], state["elapsed_s"], window
 
 
-def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
+def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm):
     params, opt, step, elapsed_before, window = _start(cfg, run_dir, corpus, xp, resume, comm)
-    writer = comm is None or comm.rank == 0           # rank 0 alone writes metrics and checkpoints
-    ranks = 1 if comm is None else comm.size
-    rank = 0 if comm is None else comm.rank
-    rows_of_rank = slice(None) if comm is None else distributed.rank_rows(cfg.batch, rank, comm.size)
-    reduce = None if comm is None else functools.partial(distributed.mean_over_ranks, comm)
+    writer = comm.rank == 0                            # rank 0 alone writes metrics and checkpoints
+    rows_of_rank = distributed.rank_rows(cfg.batch, comm.rank, comm.size)
+    reduce = functools.partial(distributed.mean_over_ranks, comm) if comm.size > 1 else None
     validation = tasks.validation_batches(cfg, corpus)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     session_start = window_start = time.perf_counter()
@@ -219,7 +216,7 @@ def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
         for s in range(step, end):
             tokens = tasks.train_batch(cfg, corpus, s)[rows_of_rank]
             params, opt, loss, norm = train_step(params, opt, tokens, learning_rate(s, cfg), cfg, reduce,
-                                                 step=s, rank=rank)
+                                                 step=s, rank=comm.rank)
             window = Window(window.loss_sum + loss, window.steps + 1)
             timed_steps += 1
             done = s + 1
@@ -241,7 +238,7 @@ def _run(cfg, run_dir, corpus, xp, resume, stop_at, output, comm=None):
             if writer and (done == end or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
                 saving = time.perf_counter()
                 checkpoint.save(run_dir, params, opt, _checkpoint_state(
-                    cfg, done, window, elapsed_before + saving - session_start, ranks))
+                    cfg, done, window, elapsed_before + saving - session_start, comm.size))
                 window_start += time.perf_counter() - saving     # nor is saving
             if bar is not None:
                 bar.update(1)
