@@ -287,6 +287,12 @@ class Miras:
         return chunk
 
     @staticmethod
+    def _scan_chunk(anchor, chunk, cfg):
+        """A chunk buffer (tokens and gates; do-nothing padding after the filled ones) scanned from
+        its anchor state: (Y, the state at the chunk's end)."""
+        return Miras._scan(anchor, chunk, {n: chunk[n] for n in gate_names(cfg.preset())}, cfg)
+
+    @staticmethod
     def prefill(p, x, cfg, max_len=None):
         """forward's output for a whole prompt x (B, T, C), and the cache that `step` continues
         from: the whole chunks in one scan give the anchor state; the last partial chunk is
@@ -303,8 +309,7 @@ class Miras:
         if filled:
             for name, a in {**tokens, **gates}.items():
                 chunk[name][:, :, :filled] = a[:, :, full:]
-            Y, _ = Miras._scan(anchor, chunk, {n: chunk[n] for n in gates}, cfg)
-            outputs.append(Y[:, :, :filled])
+            outputs.append(Miras._scan_chunk(anchor, chunk, cfg)[0][:, :, :filled])
         Y = outputs[0] if len(outputs) == 1 else xp.concatenate(outputs, axis=2)
         return Miras._output(p, Y, x, cfg), MemoryCache(history, anchor, chunk, filled)
 
@@ -317,8 +322,7 @@ class Miras:
         chunk = {name: a.copy() for name, a in cache.tokens.items()}
         for name, a in {**new_tokens, **new_gates}.items():
             chunk[name][:, :, n] = a[:, :, 0]
-        gates = {name: chunk[name] for name in gate_names(cfg.preset())}
-        Y, end = Miras._scan(cache.anchor, chunk, gates, cfg)
+        Y, end = Miras._scan_chunk(cache.anchor, chunk, cfg)
         y = Miras._output(p, Y[:, :, n:n + 1], x, cfg)
         if n + 1 < cfg.chunk:
             return y, MemoryCache(history, cache.anchor, chunk, n + 1)
