@@ -420,13 +420,10 @@ def scan_inputs(rule, batch_shape, T, seed=0, rng=None):
 
     def normal(*shape):
         return rng.standard_normal(batch + shape)
-
-    def sigmoid(x):
-        return 1 / (1 + np.exp(-x))
     d_in, d_out = rule.memory.d_in, rule.memory.d_out
     K, Q = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (normal(T, d_in), normal(T, d_in)))
     exact = isinstance(rule.memory, Linear)
-    gates = dict(lr=(1.0 if exact else 0.1) * sigmoid(normal(T)), alpha=0.9 + 0.1 * sigmoid(normal(T)))
+    gates = dict(lr=(1.0 if exact else 0.1) * anp.sigmoid(normal(T)), alpha=0.9 + 0.1 * anp.sigmoid(normal(T)))
     if getattr(rule.bias, "needs_delta", False):
         gates["delta"] = 1 + np.logaddexp(0, normal(T))
     if rule.algorithm.uses_momentum:
