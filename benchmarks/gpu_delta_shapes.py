@@ -38,17 +38,14 @@ def table(out, precision):
             continue
         with open(path) as f:
             rows = json.load(f)["rows"]
-        ms = {(r["impl"], r["mode"]): r for r in rows if "ms" in r}     # (impl, mode) -> row
+        timed = {(r["impl"], r["mode"]): r for r in rows if "ms" in r}     # impl "ours" / "fla"
         cells = []
         for mode in ("fwd", "fwd+bwd"):
-            fla = ms.get(("fla", mode))
-            ours = next((r for r in rows if r["impl"].startswith("ours") and r["mode"] == mode and "ms" in r), None)
+            ours, fla = timed.get(("ours", mode)), timed.get(("fla", mode))
             cells += [f"{ours['ms']:.3f}" if ours else "—", f"{fla['ms']:.3f}" if fla else "—",
                       f"{ours['ms'] / fla['ms']:.2f}×" if ours and fla else "—"]
-        errs = []
-        for impl in ("ours", "fla"):
-            r = [r for r in rows if r["impl"].startswith(impl) and r["mode"] == "fwd+bwd" and "err" in r]
-            errs.append(f"{max(r[0]['err'].values()):.1e}" if r else "—")
+        errs = [f"{max(timed[impl, 'fwd+bwd']['err'].values()):.1e}" if (impl, "fwd+bwd") in timed else "—"
+                for impl in ("ours", "fla")]
         print(f"| {B} | {T} | {H} | {d} | {B * H} | " + " | ".join(cells) + f" | {' / '.join(errs)} |")
 
 
