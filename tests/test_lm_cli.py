@@ -190,6 +190,18 @@ def test_eval_bpb_of_a_whole_file_and_split_errors(trained, tmp_path, capsys):
     assert status != 0 and "--split all" in err and len(err.strip().splitlines()) == 1
 
 
+def test_eval_niah_reports_ruler_scores_and_the_answers_bits_per_byte(trained, tmp_path, capsys):
+    from test_lm_evaluate import write_niah_assets
+    argv = ["eval", trained, "--task", "niah", "--data", write_niah_assets(tmp_path), "--lengths", "1000",
+            "--samples", "1"]
+    report = json.loads(run_cli(capsys, *argv, "--json")[1])
+    tasks = {"niah_single_1", "niah_single_2", "niah_single_3"}
+    assert set(report["scores"]) == set(report["answer_bpb"]) == tasks and report["samples"] == 1
+    assert all(0 < by_length["1000"] < 20 for by_length in report["answer_bpb"].values())
+    status, out, _ = run_cli(capsys, *argv)
+    assert status == 0 and out.splitlines()[0].startswith("niah_single_1 1000:") and "bpb)" in out
+
+
 def test_plot_writes_a_png_of_several_runs(trained, tmp_path, capsys):
     status, out, _ = run_cli(capsys, "plot", trained, trained, "--out", tmp_path / "both.png")
     assert status == 0 and out.strip().endswith("both.png")

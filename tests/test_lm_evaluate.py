@@ -88,6 +88,16 @@ def test_lambada_matches_per_example_forward_passes(tmp_path):
     assert got["bpb"] == pytest.approx(sum(nats) / n_bytes / math.log(2), rel=1e-5)
 
 
+def test_target_scores_are_each_pairs_own_in_the_given_order():
+    cfg = tiny("gated_deltanet", batch=2)
+    params = model.init(cfg, seed=3)
+    pairs = [(b"a longer context here", b" xy"), (b"ab", b" z"), (b"mid context", b" target"), (b"qr", b"!")]
+    got = evaluate.target_scores(params, cfg, pairs)            # sorted by length inside: 3 batches
+    for (context, target), (nats, _) in zip(pairs, got):
+        want = nats_of(params, cfg, list(context + target)) - nats_of(params, cfg, list(context))
+        assert nats == pytest.approx(want, rel=1e-5)
+
+
 def test_lambada_accuracy_counts_targets_whose_every_byte_is_the_argmax(monkeypatch):
     def next_byte_is_plus_one(params, tokens, cfg):           # a fake model: predicts byte + 1
         return np.eye(256)[(np.asarray(tokens) + 1) % 256] * 10.0
@@ -160,15 +170,30 @@ def test_niah_scores_an_oracle_100_and_a_real_model_in_range(tmp_path, monkeypat
     assets = niah.load_assets(write_niah_assets(tmp_path))
     cfg = tiny("gated_deltanet")
     params = model.init(cfg)
-    real = evaluate.niah(params, cfg, assets, [700], 1, tasks=("niah_single_1",))
+    real = evaluate.niah(params, cfg, assets, [700], 1, tasks=("niah_single_1",))["scores"]
     assert set(real) == {"niah_single_1"} and 0.0 <= real["niah_single_1"][700] <= 100.0
     answers = {}
     for task in niah.TASKS:
         for prompt, (value,) in niah.generate_task(task, assets, 1000, 2):
             answers[prompt.encode()] = f" {value}. More text".encode()
     monkeypatch.setattr(evaluate, "generate", lambda params, cfg, prompt, n, temperature: answers[prompt])
-    oracle = evaluate.niah(params, cfg, assets, [1000], 2)
+    oracle = evaluate.niah(params, cfg, assets, [1000], 2)["scores"]
     assert oracle == {task: {1000: 100.0} for task in niah.TASKS}
+
+
+def test_niah_answer_bpb_is_the_answers_teacher_forced_cost(tmp_path):
+    assets = niah.load_assets(write_niah_assets(tmp_path))
+    cfg = tiny("moneta", batch=2)          # 3 samples: batches of 2 and 1, prompts of unequal length
+    params = model.init(cfg, seed=1)
+    got = evaluate.niah(params, cfg, assets, [1000, 1200], 3, tasks=("niah_single_1", "niah_single_3"))
+    for task in ("niah_single_1", "niah_single_3"):
+        for length in (1000, 1200):
+            nats, n_bytes = 0.0, 0
+            for prompt, references in niah.generate_task(task, assets, length, 3):
+                p, a = prompt.encode(), (" " + ", ".join(references)).encode()
+                nats += nats_of(params, cfg, list(p + a)) - nats_of(params, cfg, list(p))   # −log p(a | p)
+                n_bytes += len(a)
+            assert got["answer_bpb"][task][length] == pytest.approx(nats / n_bytes / math.log(2), rel=1e-5)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ruler_niah").is_dir(), reason="needs ../shared/data/ruler_niah")

@@ -227,10 +227,11 @@ def cmd_eval(args):
         samples = args.samples or 10
         assets = load_assets(args.data)
         with counter(len(TASKS) * len(args.lengths) * samples, "samples", args.json) as tick:
-            scores = evaluate.niah(params, cfg, assets, args.lengths, samples, progress=tick)
-        report |= {"samples": samples, "scores": scores}
-        line = "\n".join(f"{task} " + "  ".join(f"{n}: {s:5.1f}" for n, s in by_length.items())
-                         for task, by_length in scores.items())
+            result = evaluate.niah(params, cfg, assets, args.lengths, samples, progress=tick)
+        report |= {"samples": samples} | result
+        line = "\n".join(f"{task} " + "  ".join(f"{n}: {score:5.1f} ({result['answer_bpb'][task][n]:.2f} bpb)"
+                                                for n, score in by_length.items())
+                         for task, by_length in result["scores"].items())
     print(json.dumps(report) if args.json else line)
 
 
