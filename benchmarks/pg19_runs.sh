@@ -10,7 +10,8 @@
 # Environment (defaults): STEPS (1200), BATCH (8), SEED (0), SIZE (20m), LR (the config's),
 # EVAL_BYTES (1000000: the first bytes of pg19-mini's validation and test splits),
 # LAMBADA (1000 examples), NIAH_SAMPLES (3 per task and length),
-# STOP_AT (a Unix time: no job starts after it; default never), DEVICE (gpu).
+# EVALS (which evaluations, in order; default "val test wikitext lambada niah": a learning-rate
+# sweep needs only "val"), STOP_AT (a Unix time: no job starts after it; default never), DEVICE (gpu).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DATA=${1:?usage: pg19_runs.sh DATA RUNS [MODEL ...]}
@@ -20,7 +21,10 @@ MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(gated_deltanet moneta yaad memora transformer)
 STEPS=${STEPS:-1200} BATCH=${BATCH:-8} SEED=${SEED:-0} SIZE=${SIZE:-20m}
 EVAL_BYTES=${EVAL_BYTES:-1000000} LAMBADA=${LAMBADA:-1000} NIAH_SAMPLES=${NIAH_SAMPLES:-3}
-STOP_AT=${STOP_AT:-9999999999} DEVICE=${DEVICE:-gpu}
+STOP_AT=${STOP_AT:-9999999999} DEVICE=${DEVICE:-gpu} EVALS=${EVALS:-val test wikitext lambada niah}
+for name in $EVALS; do
+  case $name in val|test|wikitext|lambada|niah) ;; *) echo "pg19_runs.sh: unknown evaluation '$name' in EVALS" >&2; exit 2 ;; esac
+done
 PY=${PYTHON:-python3}
 MS=("$PY" -m mirascore)
 
@@ -58,10 +62,14 @@ for model in "${MODELS[@]}"; do
       --steps "$STEPS" --seed "$SEED" --quiet "${resume[@]}" --set "${sets[@]}" || { all_done=0; continue; }
     touch "$run/trained"
   fi
-  evaluate val --task bpb --data "$DATA/pg19-mini" --split validation --max-bytes "$EVAL_BYTES" &&
-  evaluate test --task bpb --data "$DATA/pg19-mini" --split test --max-bytes "$EVAL_BYTES" &&
-  evaluate wikitext --task bpb --data "$DATA/wikitext/wikitext-2-raw-test.raw" --split all &&
-  evaluate lambada --task lambada --data "$DATA/lambada_openai" --samples "$LAMBADA" &&
-  evaluate niah --task niah --data "$DATA/ruler_niah" --samples "$NIAH_SAMPLES" || all_done=0
+  for name in $EVALS; do
+    case $name in
+      val)      evaluate val --task bpb --data "$DATA/pg19-mini" --split validation --max-bytes "$EVAL_BYTES" ;;
+      test)     evaluate test --task bpb --data "$DATA/pg19-mini" --split test --max-bytes "$EVAL_BYTES" ;;
+      wikitext) evaluate wikitext --task bpb --data "$DATA/wikitext/wikitext-2-raw-test.raw" --split all ;;
+      lambada)  evaluate lambada --task lambada --data "$DATA/lambada_openai" --samples "$LAMBADA" ;;
+      niah)     evaluate niah --task niah --data "$DATA/ruler_niah" --samples "$NIAH_SAMPLES" ;;
+    esac || { all_done=0; break; }
+  done
 done
 [ "$all_done" = 1 ] && echo "all done" || echo "not done: call again"
