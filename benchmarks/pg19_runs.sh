@@ -21,9 +21,11 @@ MODELS=("$@")
 [ ${#MODELS[@]} -gt 0 ] || MODELS=(gated_deltanet moneta yaad memora transformer)
 STEPS=${STEPS:-1200} BATCH=${BATCH:-8} SEED=${SEED:-0} SIZE=${SIZE:-20m}
 EVAL_BYTES=${EVAL_BYTES:-1000000} LAMBADA=${LAMBADA:-1000} NIAH_SAMPLES=${NIAH_SAMPLES:-3}
-STOP_AT=${STOP_AT:-9999999999} DEVICE=${DEVICE:-gpu} EVALS=${EVALS:-val test wikitext lambada niah}
+STOP_AT=${STOP_AT:-9999999999} DEVICE=${DEVICE:-gpu}
+ALL_EVALS="val test wikitext lambada niah"          # the cases of the evaluation loop below
+EVALS=${EVALS:-$ALL_EVALS}
 for name in $EVALS; do
-  case $name in val|test|wikitext|lambada|niah) ;; *) echo "pg19_runs.sh: unknown evaluation '$name' in EVALS" >&2; exit 2 ;; esac
+  [[ " $ALL_EVALS " == *" $name "* ]] || { echo "pg19_runs.sh: unknown evaluation '$name' in EVALS" >&2; exit 2; }
 done
 PY=${PYTHON:-python3}
 MS=("$PY" -m mirascore)

@@ -165,9 +165,10 @@ def niah(params, cfg, assets, lengths, samples, tasks=niah_tasks.TASKS, progress
         for length in lengths:
             total, answers = 0.0, []
             for prompt, references in niah_tasks.generate_task(task, assets, length, samples):
-                out = generate(params, cfg, prompt.encode(), niah_tasks.TOKENS_TO_GENERATE, temperature=0)
+                prompt = prompt.encode()
+                out = generate(params, cfg, prompt, niah_tasks.TOKENS_TO_GENERATE, temperature=0)
                 total += score_prediction(out.decode("utf-8", errors="replace"), references)
-                answers.append((prompt.encode(), (" " + ", ".join(references)).encode()))
+                answers.append((prompt, (" " + ", ".join(references)).encode()))
                 if progress:
                     progress(1)
             scores[task][length] = 100.0 * total / samples
