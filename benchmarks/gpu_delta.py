@@ -147,10 +147,18 @@ def reference(x, chunk):
 
 
 def bench_ours(args, mode, pool, x, ref):
-    """The fwd and fwd+bwd rows at GEMM precision `mode` (mirascore.gpu.settings)."""
-    from mirascore.gpu import settings
-    with settings.using(precision=mode):
-        _bench_ours(args, mode, pool, x, ref)
+    """The fwd and fwd+bwd rows at GEMM precision `mode` (mirascore.gpu.settings); "tf32-unfused"
+    is TF32 without the fused per-chunk forward kernels (the path before them, for the
+    before/after in one process)."""
+    from mirascore.gpu import delta_rule_kernels, settings
+    fused = delta_rule_kernels.fused_forward
+    if mode == "tf32-unfused":
+        delta_rule_kernels.fused_forward = lambda dtype, d_k: False
+    try:
+        with settings.using(precision=mode.split("-")[0]):
+            _bench_ours(args, mode, pool, x, ref)
+    finally:
+        delta_rule_kernels.fused_forward = fused
 
 
 def _bench_ours(args, mode, pool, x, ref):
@@ -352,7 +360,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--with-fla", action="store_true")
     ap.add_argument("--precision", default="fp32,tf32,bf16",
-                    help="comma-separated GEMM precisions of our rows (fp32, tf32, bf16, fp16)")
+                    help="comma-separated GEMM precisions of our rows (fp32, tf32, bf16, fp16; "
+                         "tf32-unfused: TF32 without the fused per-chunk forward kernels)")
     ap.add_argument("--no-tf32", action="store_true", help="leave tf32 out of --precision")
     ap.add_argument("--breakdown", action="store_true", help="also time the pieces (fp32)")
     ap.add_argument("--json", default=None)
@@ -364,8 +373,8 @@ def main():
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()
                   and not (args.no_tf32 and p.strip() == "tf32")]
     for p in precisions:
-        if p not in settings.PRECISIONS:
-            ap.error(f"--precision takes {', '.join(settings.PRECISIONS)}; got {p!r}")
+        if p not in settings.PRECISIONS + ("tf32-unfused",):
+            ap.error(f"--precision takes {', '.join(settings.PRECISIONS)} or tf32-unfused; got {p!r}")
 
     JSON["path"] = args.json
     JSON["extra"]["args"] = vars(args)

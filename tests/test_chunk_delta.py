@@ -414,3 +414,58 @@ def test_gpu_kernels_odd_sizes(poisoned_kernels, shape):
             assert_close(f"{name} {dtype}", g, w, rtol=tol, atol=tol)
     A = np.tril(rng.standard_normal((Bn, N, C, C)) / 4, -1)
     assert_close("inverse", delta_rule_kernels.unit_lower_inverse(cupy.asarray(A)), delta_mod.unit_lower_inverse(A))
+
+
+# (Bn, N, C, d_v, d_k): whole and partial tiles of 16 rows, 64 columns of d_v and 16 of d_k
+FUSED_SHAPES = [(2, 3, 64, 128, 128), (1, 2, 37, 70, 5), (3, 1, 16, 1, 100), (2, 2, 5, 130, 64),
+                (1, 1, 64, 200, 48)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "Bn{}-N{}-C{}-dv{}-dk{}".format(*s))
+def test_gpu_fused_chunk_kernels_match_the_formulas(poisoned_kernels, shape):
+    """The fused TF32 per-chunk kernels against ArrayPieces's formulas in float64 (outputs
+    poisoned with NaN): within TF32 rounding, and visibly rounded (the tensor cores ran)."""
+    import cupy
+    from mirascore.gpu import delta_rule_kernels
+    Bn, N, C, dv, dk = shape
+    rng = np.random.default_rng(C * dv + dk)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)   # noqa: E731  (keys as GDN's)
+    K, Q = unit(rng.standard_normal((Bn, N, C, dk))), unit(rng.standard_normal((Bn, N, C, dk)))
+    V, U = rng.standard_normal((Bn, N, C, dv)), rng.standard_normal((Bn, N, C, dv))
+    S = rng.standard_normal((Bn, N, dv, dk))
+    g = np.cumsum(np.log(rng.uniform(0.5, 1, (Bn, N, C))), axis=-1)
+    b, c = rng.uniform(0, 1, (Bn, N, C)), rng.uniform(0, 1, (Bn, N, C))
+    formulas = delta_mod.ArrayPieces(np, C)
+    want = (*formulas.chunk_prepare(K, V, g, np.exp(g), b, c), formulas.chunk_output(Q, K, S, U, g, np.exp(g)))
+    on = lambda x: cupy.asarray(x, dtype=np.float32)                 # noqa: E731
+    got = (*delta_rule_kernels.chunk_prepare_tf32(on(K), on(V), on(g), on(b), on(c)),
+           delta_rule_kernels.chunk_output_tf32(on(Q), on(K), on(S), on(U), on(g)))
+    for name, x, w in zip(("Tinv", "Wm", "Um", "Y"), got, want):
+        x = cupy.asnumpy(x).astype(np.float64)
+        assert x.shape == w.shape and np.all(np.isfinite(x)), name
+        rel = np.linalg.norm(x - w) / np.linalg.norm(w)
+        assert rel < 3e-3, f"{name}: relative error {rel:.2e}"
+        assert rel > 1e-6, f"{name}: relative error {rel:.2e}, as if not rounded to TF32"
+
+
+@pytest.mark.gpu
+def test_gpu_fused_forward_runs_at_tf32_in_float32_only(monkeypatch):
+    """The chunk code takes the fused kernels exactly where `fused_forward` says: float32 at the
+    TF32 precision and d_k ≤ 64; fp32, float64 and larger d_k keep the formulas."""
+    import cupy
+    from mirascore.gpu import delta_rule_kernels, settings
+    calls = []
+    for name in ("chunk_prepare_tf32", "chunk_output_tf32"):
+        fn = getattr(delta_rule_kernels, name)
+        monkeypatch.setattr(delta_rule_kernels, name,
+                            lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    rng = np.random.default_rng(5)
+    for dtype, precision, d_k, fused in (("float32", "tf32", 16, True), ("float32", "tf32", 64, True),
+                                         ("float32", "tf32", 65, False), ("float32", "fp32", 16, False),
+                                         ("float64", "tf32", 16, False)):
+        args = make_inputs(rng, (2,), 70, d_k, 8)
+        calls.clear()
+        with settings.using(precision=precision):
+            delta_rule_fwd(*(cupy.asarray(a, dtype=dtype) for a in args), chunk=32)
+        assert calls == (["chunk_prepare_tf32", "chunk_output_tf32"] if fused else []), (dtype, precision, d_k)

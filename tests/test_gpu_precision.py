@@ -282,9 +282,10 @@ def test_gated_deltanet_in_low_precision(poisoned, shape):
     """Every output and gradient within 1e-2 of float64 in bf16, fp16 and tf32 (the worst of them
     on the host emulation of these roundings: bf16 4.0–5.7e-3, fp16 and tf32 5.0–6.7e-4), and
     for bf16 and fp16 visibly off the fp32 result (Y and dK ≥ 1e-5: the casts reached the
-    products). TF32 is a permission, not an order: cuBLAS runs these small, unaligned products
-    (d = 5, 8) with fp32 kernels, bit for bit the fp32 result (measured on the H200); the TF32
-    kernels themselves are checked in test_gpu_blas_graph.py."""
+    products). TF32 is a permission, not an order: cuBLAS runs small, unaligned products
+    (d = 5, 8) with fp32 kernels, bit for bit the fp32 result (measured on the H200); the
+    forward's fused per-chunk kernels round to TF32 at every size (test_chunk_delta.py checks
+    them piece by piece), the TF32 cuBLAS kernels are checked in test_gpu_blas_graph.py."""
     import cupy
     batch, T, d_k, d_v, chunk = shape
     rule = mc.presets.gated_deltanet(d_k, d_v)

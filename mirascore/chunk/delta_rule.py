@@ -15,12 +15,13 @@ docs/derivations/scan-backward-delta.md.
 
 Array-agnostic: the array namespace `xp` (numpy, or CuPy with mirascore.gpu.blas's capture-safe
 matmul) and the pieces `ops` are chosen once per call. `ops` is `ArrayPieces` (the formulas, here)
-or, on CuPy where `mirascore.gpu.delta_rule_kernels.supports` the sizes, that module: the same
-functions as RawKernels (the sequential state loop, the triangular inverse) and fused
-Elementwise/ReductionKernels (the glue). Everything else is batched matmuls, at the GEMM precision
-of `mirascore.gpu.settings` (`delta_rule_scan(..., precision=)` sets it for the call and its
-backward), except the decay algebra (`full_matmul`); the state recurrence, decays and gates stay
-in the arrays' dtype.
+or, on CuPy where `mirascore.gpu.delta_rule_kernels.supports` the sizes, its `KernelPieces`: the
+same methods as RawKernels (the sequential state loop, the triangular inverse), fused
+Elementwise/ReductionKernels (the glue) and, in float32 at TF32 with d_k ≤ 64, the forward's
+per-chunk work (`chunk_prepare`, `chunk_output`) as two fused tensor-core kernels. Everything else
+is batched matmuls, at the GEMM precision of `mirascore.gpu.settings` (`delta_rule_scan(...,
+precision=)` sets it for the call and its backward), except the decay algebra (`full_matmul`); the
+state recurrence, decays and gates stay in the arrays' dtype.
 """
 from typing import NamedTuple
 
@@ -123,23 +124,37 @@ def _masks(xp, C):
     return incl, strict
 
 
-def _decays(xp, ops, alpha):
-    """g = cumsum log α per chunk; γ = e^g; λ = e^{g_C − g}; D_ti = e^{g_t − g_i} (i ≤ t)."""
+def _decays(xp, alpha):
+    """g = cumsum log α per chunk; γ = e^g; λ = e^{g_C − g}; γ_C."""
     g = xp.cumsum(xp.log(alpha), axis=-1)
     gam = xp.exp(g)
     gC = g[..., -1]
     lam = xp.exp(gC[..., None] - g)
-    return gam, lam, xp.exp(gC), ops.decay_matrix(g)
+    return g, gam, lam, xp.exp(gC)
 
 
 class ArrayPieces:
     """The chunk's pieces as array formulas (numpy or CuPy). `mirascore.gpu.delta_rule_kernels`
-    has the same functions as CUDA kernels (fused glue, the inverse and the state loop as
-    RawKernels); `_pieces` chooses once per call. Same results either way."""
+    has the same pieces as CUDA kernels (its KernelPieces: fused glue, the inverse and the state
+    loop as RawKernels, the forward's per-chunk work fused at TF32); `_pieces` chooses once per
+    call. Same results either way."""
 
     def __init__(self, xp, C):
         self.xp = xp
         self.incl, self.strict = _masks(xp, C)
+
+    def chunk_prepare(self, K, V, g, gam, b, c):
+        """Per chunk: 𝒯 = (I + A)⁻¹ with A = strict_A(b, D, K Kᵀ), Wm = 𝒯 diag(bγ) K and
+        Um = 𝒯 diag(c) V, so that the pseudo-values are U = Um − Wm Sᵀ. Returns (𝒯, Wm, Um)."""
+        xp = self.xp
+        Tinv = self.unit_lower_inverse(self.strict_A(b, self.decay_matrix(g), xp.matmul(K, _swap(K))))
+        return Tinv, xp.matmul(Tinv * (b * gam)[..., None, :], K), xp.matmul(Tinv * c[..., None, :], V)
+
+    def chunk_output(self, Q, K, S, U, g, gam):
+        """Per chunk: Y = diag(γ) Q Sᵀ + (D ⊙ Q Kᵀ) U, S the chunk's starting state."""
+        xp = self.xp
+        PU = xp.matmul(self.decay_matrix(g) * xp.matmul(Q, _swap(K)), U)
+        return self.axpby(gam[..., None], xp.matmul(Q, _swap(S)), Q.dtype.type(1), PU)
 
     def decay_matrix(self, g):
         """D_ti = e^{g_t − g_i} for i ≤ t, else 0; the exponent is masked before exp: never
@@ -236,7 +251,7 @@ def _pieces(xp, use, dt, d_v, d_k, C):
     if use is True and not ok:
         raise ValueError(f"GPU delta-rule kernels do not support dtype {dt}, d_v={d_v}, d_k={d_k}, "
                          f"chunk={C}")
-    return delta_rule_kernels if ok else ArrayPieces(xp, C)
+    return (delta_rule_kernels.KernelPieces if ok else ArrayPieces)(xp, C)
 
 
 # ---------------------------------------------------------------- forward and backward
@@ -251,16 +266,11 @@ def delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
     Bn, N, C, d_k = Kc.shape
     d_v = Vc.shape[-1]
     ops = _pieces(xp, kernels, dt, d_v, d_k, C)
-    gam, lam, gamC, D = _decays(xp, ops, ac)
-    A = ops.strict_A(bc, D, xp.matmul(Kc, _swap(Kc)))
-    Tinv = ops.unit_lower_inverse(A)
-    del A
-    Wm = xp.matmul(Tinv * (bc * gam)[..., None, :], Kc)     # (I+A)⁻¹ diag(bγ) K
-    Um = xp.matmul(Tinv * cc[..., None, :], Vc)             # (I+A)⁻¹ diag(c) V
+    g, gam, lam, gamC = _decays(xp, ac)
+    Tinv, Wm, Um = ops.chunk_prepare(Kc, Vc, g, gam, bc, cc)
     states, U, W_T = ops.state_scan(Um, Wm, lam[..., None] * Kc, gamC, W0f)     # U = Um − Wm Sᵀ per chunk
     del Wm, Um
-    PU = xp.matmul(D * xp.matmul(Qc, _swap(Kc)), U)
-    Y = ops.axpby(gam[..., None], xp.matmul(Qc, _swap(states)), dt.type(1), PU)
+    Y = ops.chunk_output(Qc, Kc, states, U, g, gam)
     saved = DeltaRuleSaved(Kc, Vc, Qc, ac, bc, cc, states, Tinv, (batch, T, shapes, kernels))
     return _unflat(Y, batch, T), W_T.reshape(batch + (d_v, d_k)), saved
 
@@ -277,7 +287,8 @@ def delta_rule_bwd(saved, dY, dW_T):
     one = Kc.dtype.type(1)
     ops = _pieces(xp, kernels, Kc.dtype, d_v, d_k, C)
     incl, strict = _masks(xp, C)
-    gam, lam, gamC, D = _decays(xp, ops, ac)
+    g, gam, lam, gamC = _decays(xp, ac)
+    D = ops.decay_matrix(g)
     KK = xp.matmul(Kc, _swap(Kc))
     QK = xp.matmul(Qc, _swap(Kc))
     KS = xp.matmul(Kc, _swap(S))                              # K Sᵀ      (Bn, N, C, d_v)

@@ -5,7 +5,8 @@
                         mirascore's CuPy namespace)
     graph               CUDA graph replay of the anchored scan's chunk loops
     fused               fused kernels registered for the specs' @fusable formulas
-    delta_rule_kernels  the delta rule's chunk pieces as CUDA kernels
+    delta_rule_kernels  the delta rule's chunk pieces as CUDA kernels (delta_rule_kernels.cu: the state
+                        loop, the inverse; delta_chunk_kernels.cu: the fused TF32 per-chunk forward)
 """
 
 
