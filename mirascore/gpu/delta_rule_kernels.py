@@ -139,10 +139,9 @@ _PREPARE_SMEM = 4 * (_MAX_C * (_KST + 2 * _CST + _VST) + 3 * _MAX_C)
 _OUTPUT_SMEM = 4 * (_MAX_C * (2 * _KST + _CST + _VST) + _MAX_C)
 
 
-# the largest d_k the fused forward is used at: measured faster there, slower above (H200, TF32
-# forward, docs/benchmarks.md: d = 64, B·H = 64, T = 2048: 1.34 -> 0.86 ms; d = 128, B·H = 128,
-# T = 4096: 4.62 -> 6.22 ms, where the per-block triangular solve and low occupancy cost more
-# than the products saved)
+# the largest d_k the fused forward is used at (H200, TF32 forward, docs/benchmarks.md: d = 128,
+# B·H = 128, T = 4096: 4.62 -> 6.22 ms, slower; d = 64, B·H = 64, T = 2048: 1.34 -> 0.86 ms, a gain
+# still to be confirmed with the order of the rows alternated)
 _FUSED_MAX_K = 64
 
 
