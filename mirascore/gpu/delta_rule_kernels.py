@@ -132,9 +132,10 @@ def state_scan(A, P, Qm, decay, X0, H=None, sign_a=-1.0, sign_b=1.0, reverse=Fal
 
 # ---------------------------------------------------------------- fused per-chunk forward (TF32)
 
-# dynamic shared memory of the two kernels, in floats (the buffers listed at their starts in the .cu:
-# row strides MAXK + 4, MAXC + 4 and VT + 4 with VT = 64)
-_KST, _CST, _VST = _MAX_K + 4, _MAX_C + 4, 64 + 4
+_VT = 64            # columns of d_v per chunk_output block (VT in delta_chunk_kernels.cu)
+# dynamic shared memory of the two kernels, in bytes (the buffers listed at their starts in the .cu,
+# of row strides MAXK + 4, MAXC + 4 and VT + 4)
+_KST, _CST, _VST = _MAX_K + 4, _MAX_C + 4, _VT + 4
 _PREPARE_SMEM = 4 * (_MAX_C * (_KST + 2 * _CST + _VST) + 3 * _MAX_C)
 _OUTPUT_SMEM = 4 * (_MAX_C * (2 * _KST + _CST + _VST) + _MAX_C)
 
@@ -175,7 +176,7 @@ def chunk_output_tf32(Q, K, S, U, g):
     Y = _empty(U.shape, np.float32)
     chunks = Q.size // (C * dk) if Q.size else 0
     if chunks and dv:
-        _launch(_chunk_function("chunk_output"), ("chunk_output",), (chunks, -(-dv // 64)),
+        _launch(_chunk_function("chunk_output"), ("chunk_output",), (chunks, -(-dv // _VT)),
                 (Q, K, S, U, g, Y, np.int32(C), np.int32(dk), np.int32(dv)), _OUTPUT_SMEM)
     return Y
 
