@@ -145,15 +145,19 @@ class ArrayPieces:
 
     def chunk_prepare(self, K, V, g, gam, b, c):
         """Per chunk: 𝒯 = (I + A)⁻¹ with A = strict_A(b, D, K Kᵀ), Wm = 𝒯 diag(bγ) K and
-        Um = 𝒯 diag(c) V, so that the pseudo-values are U = Um − Wm Sᵀ. Returns (𝒯, Wm, Um)."""
+        Um = 𝒯 diag(c) V, so that the pseudo-values are U = Um − Wm Sᵀ. Returns (𝒯, Wm, Um, D),
+        D for `chunk_output` (None from a fused kernel, which makes its own)."""
         xp = self.xp
-        Tinv = self.unit_lower_inverse(self.strict_A(b, self.decay_matrix(g), xp.matmul(K, _swap(K))))
-        return Tinv, xp.matmul(Tinv * (b * gam)[..., None, :], K), xp.matmul(Tinv * c[..., None, :], V)
+        D = self.decay_matrix(g)
+        Tinv = self.unit_lower_inverse(self.strict_A(b, D, xp.matmul(K, _swap(K))))
+        return Tinv, xp.matmul(Tinv * (b * gam)[..., None, :], K), xp.matmul(Tinv * c[..., None, :], V), D
 
-    def chunk_output(self, Q, K, S, U, g, gam):
-        """Per chunk: Y = diag(γ) Q Sᵀ + (D ⊙ Q Kᵀ) U, S the chunk's starting state."""
+    def chunk_output(self, Q, K, S, U, g, gam, D=None):
+        """Per chunk: Y = diag(γ) Q Sᵀ + (D ⊙ Q Kᵀ) U, S the chunk's starting state (D from
+        `chunk_prepare`, or made from g)."""
         xp = self.xp
-        PU = xp.matmul(self.decay_matrix(g) * xp.matmul(Q, _swap(K)), U)
+        D = self.decay_matrix(g) if D is None else D
+        PU = xp.matmul(D * xp.matmul(Q, _swap(K)), U)
         return self.axpby(gam[..., None], xp.matmul(Q, _swap(S)), Q.dtype.type(1), PU)
 
     def decay_matrix(self, g):
@@ -267,10 +271,10 @@ def delta_rule_fwd(W0, K, V, Q, alpha, b, c, chunk=64, kernels="auto"):
     d_v = Vc.shape[-1]
     ops = _pieces(xp, kernels, dt, d_v, d_k, C)
     g, gam, lam, gamC = _decays(xp, ac)
-    Tinv, Wm, Um = ops.chunk_prepare(Kc, Vc, g, gam, bc, cc)
+    Tinv, Wm, Um, D = ops.chunk_prepare(Kc, Vc, g, gam, bc, cc)
     states, U, W_T = ops.state_scan(Um, Wm, lam[..., None] * Kc, gamC, W0f)     # U = Um − Wm Sᵀ per chunk
     del Wm, Um
-    Y = ops.chunk_output(Qc, Kc, states, U, g, gam)
+    Y = ops.chunk_output(Qc, Kc, states, U, g, gam, D)
     saved = DeltaRuleSaved(Kc, Vc, Qc, ac, bc, cc, states, Tinv, (batch, T, shapes, kernels))
     return _unflat(Y, batch, T), W_T.reshape(batch + (d_v, d_k)), saved
 

@@ -258,10 +258,10 @@ class KernelPieces(ArrayPieces):
 
     def chunk_prepare(self, K, V, g, gam, b, c):
         if fused_forward(K.dtype, K.shape[-1]):
-            return chunk_prepare_tf32(K, V, g, b, c)
+            return (*chunk_prepare_tf32(K, V, g, b, c), None)
         return super().chunk_prepare(K, V, g, gam, b, c)
 
-    def chunk_output(self, Q, K, S, U, g, gam):
+    def chunk_output(self, Q, K, S, U, g, gam, D=None):
         if fused_forward(Q.dtype, Q.shape[-1]):
             return chunk_output_tf32(Q, K, S, U, g)
-        return super().chunk_output(Q, K, S, U, g, gam)
+        return super().chunk_output(Q, K, S, U, g, gam, D)
